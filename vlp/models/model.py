@@ -1,0 +1,53 @@
+"""VLPModel: an image tower and a text tower with a learnable temperature."""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vlp.models.towers import Towers
+
+
+class VLPOutput(NamedTuple):
+    image_features: torch.Tensor  # (B, D), L2-normalised
+    text_features: torch.Tensor  # (B, D), L2-normalised
+    logit_scale: torch.Tensor  # scalar multiplier, exp of the learnable log-scale, clamped
+
+
+class VLPModel(nn.Module):
+    """Dual encoder. State-dict prefixes are stable: `image_tower.`, `text_tower.`, `logit_scale`.
+
+    Args:
+        towers: the two encoders with their preprocessing and tokenizer.
+        init_logit_scale: initial temperature multiplier (CLIP: 1/0.07).
+        max_logit_scale: the multiplier is clamped here (CLIP: 100).
+        fusion: cross-modal fusion module; None for a pure dual encoder.
+    """
+
+    def __init__(
+        self,
+        towers: Towers,
+        init_logit_scale: float = 1 / 0.07,
+        max_logit_scale: float = 100.0,
+        fusion: Optional[nn.Module] = None,
+    ):
+        super().__init__()
+        self.image_tower = towers.image
+        self.text_tower = towers.text
+        self.fusion = fusion
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
+        self.max_logit_scale = max_logit_scale
+        self.preprocess = towers.preprocess
+        self.tokenizer = towers.tokenizer
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_tower(images), dim=-1)  # (B, D)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_tower(tokens), dim=-1)  # (B, D)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> VLPOutput:
+        # clamp in the forward: gradients stop once the cap is reached, as in open_clip
+        scale = self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        return VLPOutput(self.encode_image(images), self.encode_text(tokens), scale)
