@@ -1,0 +1,89 @@
+"""CLIP's symmetric InfoNCE loss, exact under data parallelism."""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlp.distributed import all_gather_with_grad, world_info
+
+
+class ContrastiveOutput(NamedTuple):
+    """Result of contrastive_loss.
+
+    Attributes:
+        loss: Scalar, mean of image_loss and text_loss.
+        image_loss: Scalar cross-entropy of image->text logits.
+        text_loss: Scalar cross-entropy of text->image logits.
+        accuracy: Scalar image->text top-1 accuracy of this rank's rows, detached.
+    """
+
+    loss: Tensor
+    image_loss: Tensor
+    text_loss: Tensor
+    accuracy: Tensor
+
+
+def contrastive_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    *,
+    label_smoothing: float = 0.0,
+) -> ContrastiveOutput:
+    """Symmetric cross-entropy between matching image and text features (CLIP's InfoNCE).
+
+    When torch.distributed runs W > 1 ranks, features are gathered from all ranks with
+    gradient and each rank scores its own B image rows against all W*B texts and its own
+    B text rows against all W*B images (labels arange(B) + rank*B); a rank never builds
+    more than (B, W*B) logits. Contract: W ranks with batch B each give the same loss
+    (mean over ranks) and, after DDP's gradient averaging, the same gradients as a single
+    process with the concatenated batch of W*B. Batch sizes must be equal on all ranks.
+
+    Args:
+        image_features: (B, D) L2-normalised image embeddings.
+        text_features: (B, D) L2-normalised text embeddings; row i matches image row i.
+        logit_scale: Scalar multiplier of the cosine similarities (already exponentiated).
+        label_smoothing: Passed to F.cross_entropy for both directions.
+
+    Returns:
+        ContrastiveOutput with the loss, both directions and the local top-1 accuracy.
+    """
+    rank, world = world_info()
+    B, D = image_features.shape
+    if world > 1:  # one collective for both modalities
+        both = all_gather_with_grad(torch.cat([image_features, text_features], dim=1))  # (W*B, 2D)
+        all_image, all_text = both.split(D, dim=1)  # (W*B, D) each
+    else:
+        all_image, all_text = image_features, text_features
+    logits_per_image = logit_scale * image_features @ all_text.T  # (B, W*B)
+    logits_per_text = logit_scale * text_features @ all_image.T  # (B, W*B)
+    labels = torch.arange(B, device=image_features.device) + rank * B  # (B,)
+    image_loss = F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
+    text_loss = F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
+    accuracy = (logits_per_image.detach().argmax(dim=1) == labels).float().mean()
+    return ContrastiveOutput((image_loss + text_loss) / 2, image_loss, text_loss, accuracy)
+
+
+class ContrastiveLoss(nn.Module):
+    """Module form of contrastive_loss, for configs to instantiate.
+
+    Args:
+        label_smoothing: Passed to contrastive_loss.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor
+    ) -> ContrastiveOutput:
+        """Returns contrastive_loss(image_features, text_features, logit_scale)."""
+        return contrastive_loss(
+            image_features, text_features, logit_scale, label_smoothing=self.label_smoothing
+        )
+
+    def extra_repr(self) -> str:
+        return f"label_smoothing={self.label_smoothing}"
