@@ -1,0 +1,55 @@
+"""Zero-shot classification: class prototypes from prompt templates, and top-k accuracy."""
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def zeroshot_classifier(encode_text, tokenizer, classnames, templates, batch_size=256):
+    """Build one normalised text prototype per class by averaging over prompt templates.
+
+    Every (class, template) prompt is encoded and L2-normalised, the prompts of a class are
+    averaged and the mean is normalised again. Prompts of all classes are batched together, so
+    encode_text is called ceil(C * T / batch_size) times.
+
+    Args:
+        encode_text: Maps (n, L) token ids to (n, D) text features, not necessarily normalised.
+            Tokens arrive on the CPU; move them to the model's device inside this callable.
+        tokenizer: Maps a list of strings to (n, L) token ids, e.g. an open_clip tokenizer.
+        classnames: C class names.
+        templates: T prompt templates, each a format string with one "{}" or a callable
+            taking the class name.
+        batch_size: Prompts encoded per call.
+
+    Returns:
+        (C, D) L2-normalised zero-shot classifier weights.
+    """
+    texts = [t(c) if callable(t) else t.format(c) for c in classnames for t in templates]
+    feats = torch.cat([
+        F.normalize(encode_text(tokenizer(texts[i:i + batch_size])), dim=-1)  # (B, D)
+        for i in range(0, len(texts), batch_size)
+    ])  # (C * T, D), class-major
+    feats = feats.view(len(classnames), len(templates), -1).mean(dim=1)  # (C, D)
+    return F.normalize(feats, dim=-1)
+
+
+@torch.no_grad()
+def zeroshot_metrics(image_features, labels, classifier, ks=(1, 5)):
+    """Zero-shot top-k accuracy.
+
+    An image is correct at k if fewer than k classes score strictly higher than its true class
+    (ties favour the true class, as in retrieval_metrics). Top-k with k >= C is therefore 1.0.
+
+    Args:
+        image_features: (N, D) L2-normalised image embeddings.
+        labels: (N,) long class indices into classifier.
+        classifier: (C, D) class prototypes, e.g. from zeroshot_classifier.
+        ks: Cut-offs k for top-k accuracy.
+
+    Returns:
+        Python floats in [0, 1]: "zeroshot_top{k}" for each k.
+    """
+    logits = image_features @ classifier.T  # (N, C)
+    pos = logits.gather(1, labels.to(logits.device)[:, None])  # (N, 1)
+    ranks = (logits > pos).sum(dim=1)  # (N,)
+    return {f"zeroshot_top{k}": (ranks < k).float().mean().item() for k in ks}
