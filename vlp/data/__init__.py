@@ -1,0 +1,1 @@
+"""Data: webdataset pipeline and the built-in synthetic dataset (no Lightning here)."""

@@ -1,0 +1,250 @@
+"""webdataset shards -> decoded samples -> batches.
+
+Shards hold `{key}.jpg|png|webp` + `{key}.txt` (+ `{key}.cls` for labelled evaluation
+data). Two streams are built on webdataset's tar reading and shuffling:
+
+- `TrainStream`: an endless shard stream (resampled with replacement, or each rank and
+  worker cycling over its own disjoint subset), cut into exactly `num_batches` batches
+  per epoch on every rank, so DDP ranks always run the same number of steps.
+- `EvalStream`: every sample exactly once over all ranks and workers, in shard order.
+
+A sample that fails to read, decode or transform is skipped and counted; the count
+travels with the next batch (`Batch.skipped`) so the trainer can log it.
+"""
+import glob
+import io
+import json
+import logging
+import os
+import random
+from itertools import islice
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = "jpg;png;jpeg;webp"
+MAX_CONSECUTIVE_FAILURES = 1000  # past this the data is unreadable, not noisy
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # (B, 3, H, W)
+    tokens: torch.Tensor  # (B, L)
+    labels: torch.Tensor  # (B,) class index from `.cls`, -1 where absent
+    skipped: int  # samples skipped since the previous batch of this worker
+
+
+def expand_urls(urls: Union[str, Sequence[str]]) -> list[str]:
+    """Expands shard specs into a list of shard URLs.
+
+    Accepts a brace pattern (`/d/train-{000000..000099}.tar`), a folder (all `*.tar`
+    in it), a glob (`/d/*.tar`), `::`-joined specs, a list of any of these, and URLs
+    (`pipe:...`, `s3://...`, `https://...`), which are passed through unchecked.
+
+    Raises:
+        FileNotFoundError: a local spec that matches no file, naming the spec.
+    """
+    specs = [urls] if isinstance(urls, str) else list(urls)
+    out = []
+    for spec in specs:
+        for part in wds.shardlists.expand_urls(str(spec)):
+            out.extend(_expand_local(part))
+    if not out:
+        raise FileNotFoundError(f"no shards in {urls!r}")
+    return out
+
+
+def _expand_local(spec: str) -> list[str]:
+    if "://" in spec or spec.startswith("pipe:"):
+        return [spec]
+    if os.path.isdir(spec):
+        found = sorted(glob.glob(os.path.join(spec, "*.tar")))
+    elif glob.has_magic(spec):
+        found = sorted(glob.glob(spec))
+    else:
+        found = [spec] if os.path.isfile(spec) else []
+    if not found:
+        raise FileNotFoundError(f"shard spec {spec!r} matches no file")
+    return found
+
+
+class SampleDecoder:
+    """Raw webdataset sample -> (image tensor, caption, label).
+
+    Args:
+        transform: PIL image -> (3, H, W) tensor (open_clip's image transform).
+        image_key: `;`-separated extensions tried in order.
+        caption_key: extension holding the caption.
+        label_key: extension holding an integer class index (optional in the data).
+    """
+
+    def __init__(self, transform: Callable, image_key=IMAGE_KEYS, caption_key="txt", label_key="cls"):
+        self.transform = transform
+        self.image_keys = image_key.split(";")
+        self.caption_key = caption_key
+        self.label_key = label_key
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, str, int]:
+        image_key = next((k for k in self.image_keys if k in sample), None)
+        if image_key is None:
+            raise KeyError(f"no image ({';'.join(self.image_keys)}) in sample {sample.get('__key__')}")
+        if self.caption_key not in sample:
+            raise KeyError(f"no caption ({self.caption_key}) in sample {sample.get('__key__')}")
+        with Image.open(io.BytesIO(sample[image_key])) as image:
+            image = self.transform(image.convert("RGB"))
+        caption = sample[self.caption_key].decode("utf-8")
+        label = int(sample[self.label_key]) if self.label_key in sample else -1
+        return image, caption, label
+
+
+class _FailureCounter:
+    """Counts skipped samples in one worker; webdataset calls it as an error handler."""
+
+    def __init__(self):
+        self.pending = 0  # not yet reported with a batch
+        self.consecutive = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.pending += 1
+        self.consecutive += 1
+        if self.pending <= 3:
+            log.warning("skipping unreadable data: %r", exn)
+        if self.consecutive > MAX_CONSECUTIVE_FAILURES:
+            raise RuntimeError(f"{self.consecutive} consecutive unreadable samples; last: {exn!r}") from exn
+        return True  # continue with the next sample or shard
+
+
+def _batches(samples: Iterable[dict], decode: SampleDecoder, tokenizer: Callable, batch_size: int,
+             failures: _FailureCounter, partial: bool) -> Iterator[Batch]:
+    """Decodes samples (skipping and counting failures) and collates them into batches."""
+    images, captions, labels = [], [], []
+    for sample in samples:
+        try:
+            image, caption, label = decode(sample)
+        except Exception as exn:  # a bad sample is skipped and counted, never fatal
+            failures(exn)
+            continue
+        failures.consecutive = 0
+        images.append(image)
+        captions.append(caption)
+        labels.append(label)
+        if len(images) == batch_size:
+            yield _collate(images, captions, labels, tokenizer, failures)
+            images, captions, labels = [], [], []
+    if partial and images:
+        yield _collate(images, captions, labels, tokenizer, failures)
+
+
+def _collate(images, captions, labels, tokenizer, failures) -> Batch:
+    skipped, failures.pending = failures.pending, 0
+    return Batch(torch.stack(images), tokenizer(captions), torch.tensor(labels), skipped)
+
+
+def _worker_info() -> tuple[int, int, int, int]:
+    """(rank, world size, worker, number of workers) of the calling process."""
+    rank, world, _, _ = wds.utils.pytorch_worker_info()
+    info = get_worker_info()
+    return rank, world, (info.id if info else 0), (info.num_workers if info else 1)
+
+
+class TrainStream(IterableDataset):
+    """Exactly `num_batches` training batches per epoch from an endless shard stream.
+
+    Args:
+        urls: shard URLs (see `expand_urls`).
+        decode: sample decoder.
+        tokenizer: list of captions -> (B, L) tokens.
+        batch_size: per-device batch size.
+        num_batches: batches per epoch on this rank (the same on every rank).
+        resampled: draw shards with replacement (every rank sees all shards); otherwise
+            each rank and worker cycles over its own disjoint slice of the shards,
+            which needs at least `world size x workers` shards.
+        shuffle_buffer: samples held for shuffling across shards.
+        seed: base seed; the stream also depends on rank, worker, epoch and start step.
+    """
+
+    def __init__(self, urls: list[str], decode: SampleDecoder, tokenizer: Callable, batch_size: int,
+                 num_batches: int, resampled: bool = True, shuffle_buffer: int = 1000, seed: int = 0):
+        super().__init__()
+        self.urls, self.decode, self.tokenizer = urls, decode, tokenizer
+        self.batch_size, self.num_batches = batch_size, num_batches
+        self.resampled, self.shuffle_buffer, self.seed = resampled, shuffle_buffer, seed
+        self.epoch, self.start_step = 0, 0
+
+    def set_position(self, epoch: int, step: int) -> None:
+        """Reseeds for a new epoch or a resumed run (read when DataLoader workers start)."""
+        self.epoch, self.start_step = epoch, step
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        rank, world, worker, workers = _worker_info()
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.start_step}-{rank}-{worker}")
+        share = self.num_batches // workers + (worker < self.num_batches % workers)
+        failures = _FailureCounter()
+        shards = self._shards(rng, rank * workers + worker, world * workers)
+        samples = wds.tarfile_to_samples(handler=failures)(shards)
+        samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng)(samples)
+        yield from islice(_batches(samples, self.decode, self.tokenizer, self.batch_size, failures, False), share)
+
+    def _shards(self, rng: random.Random, slot: int, slots: int) -> Iterator[dict]:
+        if self.resampled:
+            while True:
+                yield dict(url=rng.choice(self.urls))
+        mine = self.urls[slot::slots]
+        if not mine:
+            raise ValueError(f"{len(self.urls)} shards cannot feed {slots} (ranks x workers) readers; "
+                             "use resampled=true or fewer workers")
+        while True:
+            rng.shuffle(mine)
+            yield from (dict(url=u) for u in mine)
+
+
+class EvalStream(IterableDataset):
+    """Every sample of the shards exactly once across all ranks and workers.
+
+    Workers split the shards; within each shard, rank r keeps samples r, r+W, r+2W, ...
+    so ranks get near-equal shares even with fewer shards than ranks. Ranks may end
+    with different batch counts: gather results after the loop, not per step.
+    """
+
+    def __init__(self, urls: list[str], decode: SampleDecoder, tokenizer: Callable, batch_size: int):
+        super().__init__()
+        self.urls, self.decode, self.tokenizer, self.batch_size = urls, decode, tokenizer, batch_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        rank, world, worker, workers = _worker_info()
+        failures = _FailureCounter()
+        shards = (dict(url=u) for u in self.urls[worker::workers])
+        samples = wds.tarfile_to_samples(handler=failures)(shards)
+        yield from _batches(_every_nth(samples, rank, world), self.decode, self.tokenizer,
+                            self.batch_size, failures, True)
+
+
+def _every_nth(samples: Iterable[dict], offset: int, n: int) -> Iterator[dict]:
+    """Keeps samples offset, offset+n, ... of each shard."""
+    url, index = None, 0
+    for sample in samples:
+        if sample["__url__"] != url:
+            url, index = sample["__url__"], 0
+        if index % n == offset:
+            yield sample
+        index += 1
+
+
+def count_samples(urls: list[str]) -> Optional[int]:
+    """Number of samples from a `sizes.json` beside the shards (open_clip's convention), if any."""
+    folders = {os.path.dirname(u) for u in urls}
+    if len(folders) != 1 or not os.path.isfile(path := os.path.join(folders.pop(), "sizes.json")):
+        return None
+    with open(path) as f:
+        sizes = json.load(f)
+    names = [os.path.basename(u) for u in urls]
+    if not all(n in sizes for n in names):
+        return None
+    return sum(int(sizes[n]) for n in names)
