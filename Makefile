@@ -28,6 +28,7 @@ synthetic: $(STAMP)
 	$(BIN)/vlp-synthetic --out data/synthetic
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python scripts/benchmark.py
 
 clean:

@@ -6,6 +6,7 @@ every test with the worker's traceback (mp.spawn re-raises it); the process grou
 timeout turns a hung collective into such an exception.
 """
 
+import gc
 import math
 from datetime import timedelta
 
@@ -60,46 +61,52 @@ def make_inputs():
     }
 
 
+def _ddp_steps(rank, inputs):
+    """One DDP forward/backward per label smoothing on this rank's half of the batch."""
+    model = TwoTower().double()
+    model.load_state_dict(inputs["state"])
+    ddp = DistributedDataParallel(model)
+    local = slice(rank * BATCH, (rank + 1) * BATCH)
+    results = {}
+    for smoothing in SMOOTHINGS:
+        ddp.zero_grad()
+        out = contrastive_loss(
+            *ddp(inputs["images"][local], inputs["texts"][local]), label_smoothing=smoothing
+        )
+        out.loss.backward()
+        results[f"ddp/{smoothing}"] = {
+            "output": [t.detach() for t in out],
+            "grads": {name: p.grad.clone() for name, p in model.named_parameters()},
+        }
+    return results
+
+
 def _worker(rank, init_method, inputs, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
     )
+    results = {"world_info": world_info(), **_ddp_steps(rank, inputs)}
+
+    results["uneven"] = all_gather_no_grad(inputs["uneven"][rank])
+    results["uneven_labels"] = all_gather_no_grad(inputs["uneven_labels"][rank])
+
+    x = inputs["x"][rank].clone().requires_grad_()
+    gathered = all_gather_with_grad(x)
+    (gathered * inputs["w"][rank]).sum().backward()
+    results["gathered"], results["x_grad"] = gathered.detach(), x.grad
+
     try:
-        results = {"world_info": world_info()}
+        all_gather_with_grad(torch.zeros(2 + rank, 3))
+        results["mismatch"] = ""
+    except ValueError as e:
+        results["mismatch"] = str(e)
 
-        model = TwoTower().double()
-        model.load_state_dict(inputs["state"])
-        ddp = DistributedDataParallel(model)
-        local = slice(rank * BATCH, (rank + 1) * BATCH)
-        for smoothing in SMOOTHINGS:
-            ddp.zero_grad()
-            out = contrastive_loss(
-                *ddp(inputs["images"][local], inputs["texts"][local]), label_smoothing=smoothing
-            )
-            out.loss.backward()
-            results[f"ddp/{smoothing}"] = {
-                "output": [t.detach() for t in out],
-                "grads": {name: p.grad.clone() for name, p in model.named_parameters()},
-            }
-
-        results["uneven"] = all_gather_no_grad(inputs["uneven"][rank])
-        results["uneven_labels"] = all_gather_no_grad(inputs["uneven_labels"][rank])
-
-        x = inputs["x"][rank].clone().requires_grad_()
-        gathered = all_gather_with_grad(x)
-        (gathered * inputs["w"][rank]).sum().backward()
-        results["gathered"], results["x_grad"] = gathered.detach(), x.grad
-
-        try:
-            all_gather_with_grad(torch.zeros(2 + rank, 3))
-            results["mismatch"] = ""
-        except ValueError as e:
-            results["mismatch"] = str(e)
-
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    # let DDP's process-group references go and every rank finish talking before teardown
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

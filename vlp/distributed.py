@@ -53,7 +53,7 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     torch.distributed.nn.functional.all_gather would do the same but is deprecated.
 
     Costs one extra scalar all-gather (and a host sync) to check the batch sizes, because
-    a size mismatch would otherwise hang the collective (gloo) or corrupt it (NCCL).
+    a size mismatch would otherwise hang or abort the collective instead of raising.
 
     Args:
         x: (B, ...) tensor; B must be the same on every rank.

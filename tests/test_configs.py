@@ -1,0 +1,77 @@
+"""Every config composes and instantiates; mistakes fail at compose time naming the culprit."""
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+from vlp.config import register_configs
+from vlp.datamodule import VLPDataModule
+from vlp.lit import VLPLitModule
+from vlp.models import VLPModel
+
+CONF = Path(__file__).parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+register_configs()
+
+
+def compose_train(overrides=(), run_dir="/tmp/vlp-test-run"):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} as a real run would
+    with open_dict(cfg):
+        cfg.paths.run_dir = run_dir
+        del cfg.hydra
+    return cfg
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(experiment, tmp_path):
+    cfg = compose_train([f"experiment={experiment}", f"data.train.urls={tmp_path}"], str(tmp_path))
+    model = instantiate(cfg.model)
+    assert isinstance(model, VLPModel)
+    datamodule = instantiate(cfg.data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
+    assert isinstance(datamodule, VLPDataModule)
+    lit = VLPLitModule(model, instantiate(cfg.loss), instantiate(cfg.optim), instantiate(cfg.scheduler))
+    assert lit.model is model
+    trainer_cfg = OmegaConf.to_container(cfg.trainer)
+    trainer_cfg.update(accelerator="cpu", devices=1, strategy="auto")  # CI has one CPU device
+    assert isinstance(instantiate(trainer_cfg, logger=False), pl.Trainer)
+    assert all(instantiate(c) for c in cfg.callbacks.values())
+
+
+def test_default_config_is_the_small_model_on_synthetic_data_on_cpu():
+    cfg = compose_train()
+    assert cfg.model.towers.arch.startswith("vlp-clip")
+    assert "synthetic" in cfg.data.train.urls
+    assert cfg.trainer.accelerator == "cpu"
+    assert cfg.trainer.precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize("override,culprit", [
+    ("trainer.max_step=5", "max_step"),  # typo of a key
+    ("data.batchsize=8", "batchsize"),
+    ("model=clip_huge", "clip_huge"),  # unknown group option
+    ("trainer.max_steps=many", "max_steps"),  # wrong type
+    ("data.batch_size=1.5", "batch_size"),
+])
+def test_bad_overrides_fail_at_compose_time_naming_the_key(override, culprit):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train([override])
+    assert culprit in str(err.value) + str(err.value.__cause__)
+
+
+def test_unknown_architecture_is_named():
+    cfg = compose_train(["model.towers.arch=ViT-Q-99"])
+    with pytest.raises(Exception, match="ViT-Q-99"):
+        instantiate(cfg.model)
+
+
+def test_pretrained_must_be_a_known_tag_or_a_file():
+    cfg = compose_train(["model.towers.pretrained=no_such_tag"])
+    with pytest.raises(Exception, match="no_such_tag"):
+        instantiate(cfg.model)

@@ -1,0 +1,141 @@
+"""Structured config schema: a typo or a wrong type fails when Hydra composes, naming the key.
+
+The YAML files in `conf/` fill this schema; `train.yaml` lists it first in its defaults.
+Keys that Lightning's `Trainer` takes but the schema lacks can still be added with `+trainer.KEY=...`.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING
+
+
+@dataclass
+class TowersConf:
+    _target_: str = "vlp.models.open_clip_towers"
+    arch: str = MISSING  # any name in open_clip.list_models(), or hf-hub:/local-dir:
+    pretrained: Optional[str] = None  # open_clip tag or local checkpoint file
+    image_size: Optional[int] = None
+    context_length: Optional[int] = None
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class ModelConf:
+    _target_: str = "vlp.models.VLPModel"
+    towers: TowersConf = field(default_factory=TowersConf)
+    init_logit_scale: float = 1 / 0.07
+    max_logit_scale: float = 100.0
+    fusion: Any = None
+
+
+@dataclass
+class TrainShardsConf:
+    urls: Any = MISSING  # brace pattern, folder, glob, or a list of them
+    num_samples: Optional[int] = None  # one epoch; from sizes.json beside the shards when null
+    resampled: bool = True
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class ValShardsConf:
+    urls: Any = None  # no validation when null
+
+
+@dataclass
+class DataConf:
+    _target_: str = "vlp.datamodule.VLPDataModule"
+    train: TrainShardsConf = field(default_factory=TrainShardsConf)
+    val: ValShardsConf = field(default_factory=ValShardsConf)
+    batch_size: int = 64  # per device
+    num_workers: int = 2  # per device
+    augment: Optional[Dict[str, Any]] = None  # open_clip AugmentationCfg fields
+    zeroshot: Optional[str] = None  # JSON with classnames and templates
+    prepare: Any = None  # callable run once per node before reading
+    image_key: str = "jpg;png;jpeg;webp"
+    caption_key: str = "txt"
+    label_key: str = "cls"
+    seed: int = II("seed")
+
+
+@dataclass
+class LossConf:
+    _target_: str = "vlp.losses.ContrastiveLoss"
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimConf:
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    fused: Optional[bool] = None
+
+
+@dataclass
+class SchedulerConf:
+    _target_: str = "vlp.optim.cosine_with_warmup"
+    _partial_: bool = True
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainerConf:
+    """The most used `pytorch_lightning.Trainer` arguments, typed; passed to it as they are."""
+
+    _target_: str = "pytorch_lightning.Trainer"
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: Any = "auto"
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    max_steps: int = -1
+    max_epochs: Optional[int] = None
+    val_check_interval: Any = None
+    check_val_every_n_epoch: Optional[int] = 1
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    num_sanity_val_steps: int = 0
+    log_every_n_steps: int = 50
+    gradient_clip_val: Optional[float] = None
+    gradient_clip_algorithm: Optional[str] = None
+    accumulate_grad_batches: int = 1
+    deterministic: Any = None
+    benchmark: Optional[bool] = None
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = True
+    fast_dev_run: Any = False
+    profiler: Any = None
+    default_root_dir: Optional[str] = None
+    sync_batchnorm: bool = False
+
+
+@dataclass
+class PathsConf:
+    data_dir: str = "${oc.env:VLP_DATA_DIR,data}"
+    run_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class TrainConf:
+    model: ModelConf = field(default_factory=ModelConf)
+    data: DataConf = field(default_factory=DataConf)
+    loss: LossConf = field(default_factory=LossConf)
+    optim: OptimConf = field(default_factory=OptimConf)
+    scheduler: Optional[SchedulerConf] = field(default_factory=SchedulerConf)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    logger: Optional[Dict[str, Any]] = None
+    callbacks: Dict[str, Any] = field(default_factory=dict)
+    paths: PathsConf = field(default_factory=PathsConf)
+    seed: int = 0
+    ckpt_path: Optional[str] = None  # resume from this checkpoint
+    optimized_metric: Optional[str] = "val/zeroshot_top1"  # what `vlp-train` returns to sweepers
+    tags: List[str] = field(default_factory=list)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConf)

@@ -1,0 +1,115 @@
+"""LightningDataModule over webdataset shards (Lightning glue for vlp.data)."""
+import json
+import logging
+import warnings
+from typing import Any, Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from torch.utils.data import DataLoader
+
+from vlp.data.wds import IMAGE_KEYS, EvalStream, SampleDecoder, TrainStream, count_samples, expand_urls
+
+log = logging.getLogger(__name__)
+# the streams split batches over workers exactly, so their __len__ is right with any number of workers
+warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
+
+
+class VLPDataModule(pl.LightningDataModule):
+    """Image-text shards for training and validation.
+
+    Args:
+        train: `urls` (brace pattern, folder, glob or list), `num_samples` (one epoch;
+            read from a `sizes.json` beside the shards when null), `resampled`,
+            `shuffle_buffer`.
+        val: `urls` of the validation shards; no validation when they are None.
+        batch_size: per device.
+        num_workers: DataLoader workers per device.
+        preprocess: the model's open_clip preprocessing config (size, mean, std, ...).
+        tokenizer: the model's tokenizer.
+        augment: open_clip `AugmentationCfg` fields for training images.
+        zeroshot: JSON file with `classnames` and `templates` for zero-shot
+            classification on the labelled (`.cls`) validation samples; None to skip.
+        prepare: called once per node before reading (e.g. writes synthetic shards).
+        image_key, caption_key, label_key: webdataset extensions to read.
+        seed: base seed of the shard and sample shuffling.
+    """
+
+    def __init__(
+        self,
+        train: dict,
+        val: Optional[dict],
+        batch_size: int,
+        num_workers: int,
+        preprocess: dict,
+        tokenizer: Callable,
+        augment: Optional[dict] = None,
+        zeroshot: Optional[str] = None,
+        prepare: Optional[Callable[[], Any]] = None,
+        image_key: str = IMAGE_KEYS,
+        caption_key: str = "txt",
+        label_key: str = "cls",
+        seed: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        self.train_cfg, self.val_urls = dict(train), (val or {}).get("urls")
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.zeroshot_path, self.prepare = zeroshot, prepare
+        preprocess_cfg = PreprocessCfg(**preprocess)
+        keys = dict(image_key=image_key, caption_key=caption_key, label_key=label_key)
+        self.train_decoder = SampleDecoder(image_transform_v2(preprocess_cfg, True, augment), **keys)
+        self.val_decoder = SampleDecoder(image_transform_v2(preprocess_cfg, False), **keys)
+        self.tokenizer = tokenizer
+        self.train_set: Optional[TrainStream] = None
+        self.val_set: Optional[EvalStream] = None
+
+    def prepare_data(self) -> None:
+        if self.prepare is not None:
+            self.prepare()
+
+    def setup(self, stage: str) -> None:
+        world = self.trainer.world_size if self.trainer else 1
+        if stage == "fit":
+            urls = expand_urls(self.train_cfg["urls"])
+            num_samples = self.train_cfg.get("num_samples") or count_samples(urls)
+            if not num_samples:
+                raise ValueError("data.train.num_samples is required: there is no sizes.json beside "
+                                 f"the shards {urls[0]} ... to count them")
+            num_batches = num_samples // (self.batch_size * world)
+            if num_batches < 1:
+                raise ValueError(f"data.train.num_samples={num_samples} is less than one global batch "
+                                 f"({self.batch_size} x {world} devices)")
+            resampled = self.train_cfg.get("resampled", True)
+            readers = world * max(1, self.num_workers)
+            if not resampled and len(urls) < readers:
+                raise ValueError(f"{len(urls)} train shards cannot feed {readers} readers (devices x "
+                                 "data.num_workers) without data.train.resampled=true")
+            self.train_set = TrainStream(urls, self.train_decoder, self.tokenizer, self.batch_size, num_batches,
+                                         resampled, self.train_cfg.get("shuffle_buffer", 1000), self.seed)
+        if stage in ("fit", "validate") and self.val_urls:
+            self.val_set = EvalStream(expand_urls(self.val_urls), self.val_decoder, self.tokenizer, self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None:  # a resumed run continues with a fresh stream
+            self.train_set.set_position(self.trainer.current_epoch, self.trainer.global_step)
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set) if self.val_set is not None else []
+
+    def _loader(self, dataset) -> DataLoader:
+        # the streams batch; the loader must not batch again
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available(),
+                          prefetch_factor=4 if self.num_workers else None)
+
+    def zeroshot_prompts(self) -> Optional[tuple[list[str], list[str]]]:
+        """(classnames, templates) for zero-shot classification, or None."""
+        if not self.zeroshot_path:
+            return None
+        with open(self.zeroshot_path) as f:
+            spec = json.load(f)
+        return spec["classnames"], spec["templates"]

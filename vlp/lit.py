@@ -1,0 +1,105 @@
+"""The LightningModule: contrastive pretraining of a VLPModel, with retrieval and zero-shot validation."""
+import time
+from functools import partial
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+
+from vlp.checkpoint import CONFIG_KEY
+from vlp.data.wds import Batch
+from vlp.distributed import all_gather_no_grad
+from vlp.eval import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
+from vlp.models import VLPModel
+from vlp.optim import param_groups
+
+
+class VLPLitModule(pl.LightningModule):
+    """Trains `model` with `loss`; validates with retrieval and zero-shot classification.
+
+    Args:
+        model: the dual encoder.
+        loss: module called as loss(image_features, text_features, logit_scale) -> output with `.loss`.
+        optimizer: partial optimiser taking parameter groups (e.g. AdamW with lr, weight_decay).
+        scheduler: partial LR scheduler taking (optimizer, total_steps), stepped every step.
+        config: resolved run config, saved into every checkpoint so it rebuilds the model.
+    """
+
+    def __init__(self, model: VLPModel, loss: nn.Module, optimizer: partial, scheduler: Optional[partial] = None,
+                 config: Optional[dict] = None):
+        super().__init__()
+        self.model, self.loss = model, loss
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.config = config
+        self.skipped_samples = 0
+        self.validated_at_step: Optional[int] = None
+        self._last_step_end: Optional[float] = None
+        self._val_outputs: list[tuple[torch.Tensor, ...]] = []
+
+    # -- training ---------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_position"):  # a new shuffle for each epoch
+            dataset.set_position(self.current_epoch, self.global_step)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch.images, batch.tokens)
+        loss = self.loss(out.image_features, out.text_features, out.logit_scale)
+        self.skipped_samples += batch.skipped
+        self.log("train/loss", loss.loss, prog_bar=True)
+        # this process's count; each rank reads its own share of the data
+        self.log_dict({"train/logit_scale": out.logit_scale, "train/skipped_samples": float(self.skipped_samples)})
+        if hasattr(loss, "accuracy"):
+            self.log("train/i2t_acc", loss.accuracy)
+        return loss.loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        # per device and including data loading, like open_clip's samples_per_second_per_gpu
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            self.log("train/samples_per_second", len(batch.images) / (now - self._last_step_end))
+        self._last_step_end = now
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def configure_optimizers(self):
+        weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(param_groups(self.model, weight_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- validation -------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs.clear()
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        out = self.model(batch.images, batch.tokens)
+        self._val_outputs.append((out.image_features.float(), out.text_features.float(), batch.labels))
+
+    def on_validation_epoch_end(self) -> None:
+        # ranks may hold different numbers of samples: gather once, after the loop
+        image, text, labels = (all_gather_no_grad(torch.cat(parts)) for parts in self._gathered_parts())
+        self._val_outputs.clear()
+        metrics = retrieval_metrics(image, text)
+        prompts = getattr(self.trainer.datamodule, "zeroshot_prompts", lambda: None)()
+        labelled = labels >= 0
+        if prompts is not None and labelled.any():
+            classifier = zeroshot_classifier(lambda t: self.model.encode_text(t.to(self.device)).float(),
+                                             self.model.tokenizer, *prompts)
+            metrics |= zeroshot_metrics(image[labelled], labels[labelled], classifier)
+        metrics["num_samples"] = len(image)
+        self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, sync_dist=True)
+        self.validated_at_step = self.global_step
+
+    def _gathered_parts(self):
+        if not self._val_outputs:  # this rank got no sample; still join the gather
+            width = self.model.encode_text(self.model.tokenizer(["x"]).to(self.device)).shape[1]
+            empty = torch.empty(0, width, device=self.device)
+            return [empty], [empty.clone()], [torch.empty(0, dtype=torch.long, device=self.device)]
+        return zip(*self._val_outputs)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CONFIG_KEY] = self.config

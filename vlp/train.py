@@ -1,0 +1,71 @@
+"""`vlp-train`: contrastive pretraining from a Hydra config.
+
+    vlp-train                                   # small CLIP on the synthetic data, on CPU
+    vlp-train model=clip_tiny trainer.max_steps=200
+    vlp-train trainer=ddp trainer.devices=2      # 2 processes (gloo on CPU, NCCL on GPU)
+    vlp-train ckpt_path=runs/x/checkpoints/last.ckpt   # resume
+    vlp-train -m optim.lr=1e-4,3e-4             # sweep
+"""
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vlp.config import register_configs
+from vlp.lit import VLPLitModule
+from vlp.loggers import build_loggers
+
+log = logging.getLogger(__name__)
+register_configs()
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fits, validates at the final step, writes `<run dir>/metrics.json` and returns its metrics."""
+    pl.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.run_dir)
+    model = instantiate(cfg.model)
+    datamodule = instantiate(cfg.data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
+    lit = VLPLitModule(
+        model,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optim),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    loggers = build_loggers(cfg.logger, str(run_dir))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if datamodule.val_set is not None and lit.validated_at_step != trainer.global_step:
+        trainer.validate(lit, datamodule=datamodule, verbose=False)
+    metrics = {"global_step": trainer.global_step}
+    metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        print(summary(metrics, run_dir))
+    return metrics
+
+
+def summary(metrics: dict[str, float], run_dir: Path) -> str:
+    """The final validation results, for people."""
+    lines = [f"\nvlp-train finished at step {metrics['global_step']}; run directory: {run_dir}"]
+    for key in sorted(k for k in metrics if k.startswith("val/")):
+        value = metrics[key]
+        lines.append(f"  {key:<24} {value:8.1%}" if key != "val/num_samples" else f"  {key:<24} {value:8.0f}")
+    lines.append(f"  metrics: {run_dir / 'metrics.json'}; last checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> Optional[float]:
+    metrics = train(cfg)
+    return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
+
+
+if __name__ == "__main__":
+    main()
