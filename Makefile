@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 # Pretrains the small CLIP on the synthetic shapes on CPU and prints its zero-shot results.
 demo: $(STAMP)
-	$(BIN)/vlp-train experiment=demo hydra.run.dir=runs/demo
+	$(BIN)/vlp-train hydra.run.dir=runs/demo
 
 test: $(STAMP)
 	WANDB_MODE=offline $(BIN)/pytest -q

@@ -7,8 +7,8 @@ Runs alternate (open_clip, vlp, open_clip, vlp, ...) because the machine is shar
 Each run trains `--steps` steps with the same global batch, workers, optimiser and model;
 the per-step time (data loading included, as both loops measure it) is read from each
 framework's own per-step log, and its median over the steps after `--skip` is reported,
-with the peak resident memory of the largest process (GNU time). open_clip_train needs
-pandas (`pip install -e '.[bench]'`).
+with the peak resident memory of the largest process. open_clip_train needs pandas
+(`pip install -e '.[bench]'`). `--device gpu` runs both on the first GPU.
 
 open_clip 3.3 crashes on webdataset >= 0.2.96 (KeyError: 'fname', open_clip#935): its
 grouping does not expect the empty end-of-shard marker. The runner below drops those
@@ -27,6 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = {"fp32": ("fp32", "32-true"), "bf16": ("amp_bf16", "bf16-mixed")}  # open_clip, Lightning
 
+# runs a command and writes the peak RSS (KB) of its largest process to a file
+PEAK_RSS_RUNNER = """
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[2:]).returncode
+open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(code)
+"""
 OPEN_CLIP_RUNNER = """
 import sys, open_clip, open_clip_train.data as data
 open_clip.add_model_config(sys.argv.pop(1))
@@ -38,14 +45,14 @@ main(sys.argv[1:])
 
 
 def timed(cmd: list[str], log: Path) -> int:
-    """Runs cmd under GNU time; returns its peak RSS in MB (largest process)."""
+    """Runs cmd; returns its peak RSS in MB (largest process)."""
     rss_file = log.with_suffix(".rss")
     with open(log, "w") as out:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *cmd], stdout=out,
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS_RUNNER, str(rss_file), *cmd], stdout=out,
                               stderr=subprocess.STDOUT, env={**os.environ, "WANDB_MODE": "offline"})
     if proc.returncode != 0:
         sys.exit(f"benchmark run failed ({' '.join(cmd[:4])} ...); see {log}")
-    return int(rss_file.read_text().split()[-1]) // 1024
+    return int(rss_file.read_text()) // 1024
 
 
 def run_open_clip(args, precision: str, shards: str, work: Path, tag: str) -> tuple[list[float], int]:
@@ -67,7 +74,7 @@ def run_vlp(args, precision: str, data_dir: Path, work: Path, tag: str) -> tuple
            f"model.towers.arch={args.model}", f"data.batch_size={args.batch_size}",
            f"data.num_workers={args.workers}", f"trainer.max_steps={args.steps}", f"trainer.precision={precision}",
            "data.val.urls=null", "logger=csv", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-           "optim.lr=5e-4", "optim.weight_decay=0.2", "scheduler.warmup_steps=100"]
+           "optim.lr=5e-4", "optim.weight_decay=0.2", "scheduler.warmup_steps=100", f"trainer={args.device}"]
     rss = timed(cmd, work / f"{tag}.log")
     with open(run_dir / "csv" / "metrics.csv") as f:
         rates = [float(r["train/samples_per_second"]) for r in csv.DictReader(f) if r.get("train/samples_per_second")]
@@ -84,13 +91,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     args = parser.parse_args()
 
     from vlp.data.synthetic import write_dataset
 
     patterns = write_dataset(args.data_dir / "synthetic", train_samples=20000, val_samples=512)
     work = Path(tempfile.mkdtemp(prefix="vlp-bench-"))
-    print(f"model {args.model}, batch {args.batch_size}, {args.workers} workers, {args.steps} steps, "
+    print(f"{args.device}: model {args.model}, batch {args.batch_size}, {args.workers} workers, {args.steps} steps, "
           f"{args.rounds} rounds alternating; logs in {work}")
     rows = []
     for name in args.precision:

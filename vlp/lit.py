@@ -75,7 +75,9 @@ class VLPLitModule(pl.LightningModule):
         self._val_outputs.clear()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        out = self.model(batch.images, batch.tokens)
+        # full precision: bf16 keeps ~3 significant digits, enough to flip near-tied predictions
+        with torch.autocast(self.device.type, enabled=False):
+            out = self.model(batch.images, batch.tokens)
         self._val_outputs.append((out.image_features.float(), out.text_features.float(), batch.labels))
 
     def on_validation_epoch_end(self) -> None:

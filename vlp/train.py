@@ -21,6 +21,7 @@ from vlp.lit import VLPLitModule
 from vlp.loggers import build_loggers
 
 log = logging.getLogger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from the console script too
 register_configs()
 
 
@@ -61,7 +62,7 @@ def summary(metrics: dict[str, float], run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
     metrics = train(cfg)
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
