@@ -103,8 +103,7 @@ class VLPDataModule(pl.LightningDataModule):
     def _loader(self, dataset) -> DataLoader:
         # the streams batch; the loader must not batch again
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available(),
-                          prefetch_factor=4 if self.num_workers else None)
+                          pin_memory=torch.cuda.is_available())
 
     def zeroshot_prompts(self) -> Optional[tuple[list[str], list[str]]]:
         """(classnames, templates) for zero-shot classification, or None."""

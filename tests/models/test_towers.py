@@ -1,4 +1,6 @@
 """Towers from open_clip: architectures by name, weights from a local checkpoint file."""
+import json
+
 import open_clip
 import pytest
 import torch
@@ -38,3 +40,16 @@ def test_logit_scale_initialised_and_clamped():
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
     assert model(torch.randn(1, 3, 64, 64), model.tokenizer(["x"])).logit_scale.item() == pytest.approx(100)
+
+
+def test_timm_image_tower_from_an_open_clip_config(tmp_path):
+    config = {"embed_dim": 32,
+              "vision_cfg": {"timm_model_name": "resnet18", "timm_model_pretrained": False, "timm_pool": "avg",
+                             "timm_proj": "linear", "image_size": 64},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "test-timm-resnet18.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "test-timm-resnet18.json")
+    model = VLPModel(open_clip_towers("test-timm-resnet18"))
+    assert type(model.image_tower).__name__ == "TimmModel"
+    out = model(torch.randn(2, 3, 64, 64), model.tokenizer(["a", "b"]))
+    assert out.image_features.shape == out.text_features.shape == (2, 32)
