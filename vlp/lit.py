@@ -105,3 +105,7 @@ class VLPLitModule(pl.LightningModule):
     # -- checkpoints ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CONFIG_KEY] = self.config
+        checkpoint["vlp_skipped_samples"] = self.skipped_samples
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_samples = checkpoint.get("vlp_skipped_samples", 0)
