@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
@@ -75,3 +76,19 @@ def test_pretrained_must_be_a_known_tag_or_a_file():
     cfg = compose_train(["model.towers.pretrained=no_such_tag"])
     with pytest.raises(Exception, match="no_such_tag"):
         instantiate(cfg.model)
+
+
+@pytest.mark.parametrize("loss", sorted(p.stem for p in (CONF / "loss").glob("*.yaml")))
+def test_every_loss_option_trains_one_step(loss):
+    cfg = compose_train([f"loss={loss}"])
+    model, loss_fn = instantiate(cfg.model), instantiate(cfg.loss)
+    out = model(torch.randn(4, 3, 64, 64), model.tokenizer(["a red circle", "a blue star", "two", "shapes"]))
+    logits = (out.logit_scale,) if out.logit_bias is None else (out.logit_scale, out.logit_bias)
+    loss_fn(out.image_features, out.text_features, *logits).loss.backward()
+    assert model.logit_scale.grad is not None
+
+
+def test_siglip_initialises_scale_10_and_bias_minus_10():
+    model = instantiate(compose_train(["loss=siglip"]).model)
+    assert model.logit_scale.exp().item() == pytest.approx(10.0)
+    assert model.logit_bias.item() == pytest.approx(-10.0)

@@ -26,6 +26,7 @@ class ModelConf:
     towers: TowersConf = field(default_factory=TowersConf)
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
+    init_logit_bias: Optional[float] = None  # set for the sigmoid loss
     fusion: Any = None
 
 
@@ -56,12 +57,6 @@ class DataConf:
     caption_key: str = "txt"
     label_key: str = "cls"
     seed: int = II("seed")
-
-
-@dataclass
-class LossConf:
-    _target_: str = "vlp.losses.ContrastiveLoss"
-    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -124,7 +119,7 @@ class PathsConf:
 class TrainConf:
     model: ModelConf = field(default_factory=ModelConf)
     data: DataConf = field(default_factory=DataConf)
-    loss: LossConf = field(default_factory=LossConf)
+    loss: Dict[str, Any] = field(default_factory=dict)  # losses differ in their arguments
     optim: OptimConf = field(default_factory=OptimConf)
     scheduler: Optional[SchedulerConf] = field(default_factory=SchedulerConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)

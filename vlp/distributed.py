@@ -1,8 +1,10 @@
-"""torch.distributed helpers: rank/world lookup and all-gathers for the loss and evaluation.
+"""torch.distributed helpers: rank/world lookup, all-gathers and a ring exchange for the losses.
 
 Every helper works on the default process group and is a no-op (returns its input) when
 torch.distributed is unavailable, not initialised, or has a single rank.
 """
+
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -95,3 +97,72 @@ def all_gather_no_grad(x: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def _exchange(
+    tensors: tuple[Tensor, ...], send_to: tuple[int, ...], recv_from: tuple[int, ...]
+) -> tuple[Tensor, ...]:
+    """Sends tensors[i] to rank send_to[i] while receiving one like it from rank recv_from[i]."""
+    tensors = [t.contiguous() for t in tensors]
+    received = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t, peer) for t, peer in zip(tensors, send_to)]
+    ops += [dist.P2POp(dist.irecv, r, peer) for r, peer in zip(received, recv_from)]
+    for req in dist.batch_isend_irecv(ops):  # grouped under NCCL; plain isend/irecv under gloo
+        req.wait()
+    return tuple(received)
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    """_exchange whose backward sends each gradient back to the rank its tensor came from."""
+
+    @staticmethod
+    def forward(ctx, send_to, recv_from, *tensors):
+        ctx.send_to, ctx.recv_from = send_to, recv_from
+        return _exchange(tensors, send_to, recv_from)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None, *_exchange(grads, ctx.recv_from, ctx.send_to))
+
+
+def ring_exchange_with_grad(x: Tensor) -> Iterator[Tensor]:
+    """Yields every other rank's x, differentiably, passing blocks around the ring of ranks.
+
+    Each round sends one block to each neighbour at once (rank-1 and rank+1, mod W) and
+    receives one from each, so the W-1 blocks arrive in W//2 rounds, at most two at a
+    time. The backward runs the same exchanges in reverse:
+    each rank gets the sum over ranks of the gradient for its own x, i.e. gradients are
+    those of the sum of all ranks' losses (DDP's averaging then makes it the mean), as for
+    all_gather_with_grad. Every rank must consume the whole iterator, and call it the same
+    number of times per step, or the exchanges deadlock. Like all_gather_with_grad, it costs
+    one scalar all-gather to check the batch sizes first.
+
+    Args:
+        x: (B, ...) tensor; B must be the same on every rank.
+
+    Yields:
+        (B, ...) blocks from ranks rank-1, rank+1, rank-2, rank+2, ... (mod W), W-1 in all;
+        when W is even the last one is rank+W/2's, received from the left only. Nothing when
+        not distributed.
+
+    Raises:
+        ValueError: if ranks hold different numbers of rows.
+    """
+    rank, world = world_info()
+    if world == 1:
+        return
+    sizes = _gather_sizes(x, world)
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            f"ring_exchange_with_grad needs equal batch sizes on all ranks, got {sizes}"
+        )
+    left, right = (rank - 1) % world, (rank + 1) % world
+    to_right = to_left = x
+    for _ in range((world - 1) // 2):  # round k, both ways at once; W >= 3 so left != right
+        to_right, to_left = _NeighbourExchange.apply(
+            (right, left), (left, right), to_right, to_left
+        )
+        yield to_right  # rank - k's, received from the left; passed on rightwards
+        yield to_left  # rank + k's, received from the right; passed on leftwards
+    if world % 2 == 0:  # the opposite rank, rank + W/2, is as far one way as the other
+        yield _NeighbourExchange.apply((right,), (left,), to_right)[0]

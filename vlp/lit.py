@@ -20,7 +20,8 @@ class VLPLitModule(pl.LightningModule):
 
     Args:
         model: the dual encoder.
-        loss: module called as loss(image_features, text_features, logit_scale) -> output with `.loss`.
+        loss: module called as loss(image_features, text_features, logit_scale[, logit_bias]) -> output
+            with `.loss`; the bias is passed when the model has one (sigmoid loss).
         optimizer: partial optimiser taking parameter groups (e.g. AdamW with lr, weight_decay).
         scheduler: partial LR scheduler taking (optimizer, total_steps), stepped every step.
         config: resolved run config, saved into every checkpoint so it rebuilds the model.
@@ -45,7 +46,8 @@ class VLPLitModule(pl.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         out = self.model(batch.images, batch.tokens)
-        loss = self.loss(out.image_features, out.text_features, out.logit_scale)
+        logits = (out.logit_scale,) if out.logit_bias is None else (out.logit_scale, out.logit_bias)
+        loss = self.loss(out.image_features, out.text_features, *logits)
         self.skipped_samples += batch.skipped
         self.log("train/loss", loss.loss, prog_bar=True)
         # this process's count; each rank reads its own share of the data

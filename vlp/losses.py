@@ -1,4 +1,4 @@
-"""CLIP's symmetric InfoNCE loss, exact under data parallelism."""
+"""CLIP's symmetric InfoNCE loss and SigLIP's sigmoid loss, exact under data parallelism."""
 
 from typing import NamedTuple
 
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlp.distributed import all_gather_with_grad, world_info
+from vlp.distributed import all_gather_with_grad, ring_exchange_with_grad, world_info
 
 
 class ContrastiveOutput(NamedTuple):
@@ -87,3 +87,65 @@ class ContrastiveLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"label_smoothing={self.label_smoothing}"
+
+
+class SigmoidOutput(NamedTuple):
+    """Result of sigmoid_loss.
+
+    Attributes:
+        loss: Scalar, the sum of the pairwise sigmoid losses over this rank's batch size.
+        accuracy: Scalar fraction of this rank's matching pairs with a positive logit, detached.
+    """
+
+    loss: Tensor
+    accuracy: Tensor
+
+
+def sigmoid_loss(
+    image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor
+) -> SigmoidOutput:
+    """SigLIP's loss: every image-text pair is its own binary match / no-match decision.
+
+    Logits are logit_scale * image @ text.T + logit_bias, labels +1 for matching pairs and
+    -1 for all others, and the loss is -sum(log_sigmoid(labels * logits)) / B, as in the
+    SigLIP paper and open_clip's SigLipLoss.
+
+    When torch.distributed runs W > 1 ranks, text features travel around the ring of ranks
+    (ring_exchange_with_grad) and each rank scores its B images against its own B texts,
+    then against each other rank's B texts in turn (all negatives), adding up the loss as
+    blocks arrive; no rank builds a (W*B, W*B) matrix or gathers all texts at once (autograd
+    keeps each block and its (B, B) logits for the backward). Each rank divides its sum
+    over B*W*B pairs by its own B, so the ranks' losses add up to W times the single-process
+    loss (its (W*B)**2 pairs over W*B), and the exchange's backward gives each rank the
+    gradients of that sum. Contract: W ranks with batch B each give the same loss (mean
+    over ranks) and, after DDP's gradient averaging, the same gradients as a single process
+    with the concatenated batch of W*B. Batch sizes must be equal on all ranks.
+
+    Args:
+        image_features: (B, D) L2-normalised image embeddings.
+        text_features: (B, D) L2-normalised text embeddings; row i matches image row i.
+        logit_scale: Scalar multiplier of the cosine similarities (already exponentiated).
+        logit_bias: Scalar added to every logit.
+
+    Returns:
+        SigmoidOutput with the loss and the local accuracy on matching pairs.
+    """
+    B = image_features.shape[0]
+    image = logit_scale * image_features  # (B, D), scaled once for all text blocks
+    logits = image @ text_features.T + logit_bias  # (B, B)
+    labels = 2 * torch.eye(B, device=logits.device, dtype=logits.dtype) - 1  # (B, B)
+    loss = -F.logsigmoid(labels * logits).sum()
+    for other in ring_exchange_with_grad(text_features):  # (B, D) from each other rank
+        loss = loss - F.logsigmoid(-(image @ other.T + logit_bias)).sum()
+    accuracy = (logits.detach().diagonal() > 0).float().mean()
+    return SigmoidOutput(loss / B, accuracy)
+
+
+class SigmoidLoss(nn.Module):
+    """Module form of sigmoid_loss, for configs to instantiate."""
+
+    def forward(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor
+    ) -> SigmoidOutput:
+        """Returns sigmoid_loss(image_features, text_features, logit_scale, logit_bias)."""
+        return sigmoid_loss(image_features, text_features, logit_scale, logit_bias)

@@ -13,15 +13,17 @@ class VLPOutput(NamedTuple):
     image_features: torch.Tensor  # (B, D), L2-normalised
     text_features: torch.Tensor  # (B, D), L2-normalised
     logit_scale: torch.Tensor  # scalar multiplier, exp of the learnable log-scale, clamped
+    logit_bias: Optional[torch.Tensor]  # scalar added to the logits (sigmoid loss); None without
 
 
 class VLPModel(nn.Module):
-    """Dual encoder. State-dict prefixes are stable: `image_tower.`, `text_tower.`, `logit_scale`.
+    """Dual encoder. State-dict prefixes are stable: `image_tower.`, `text_tower.`, `logit_scale`, `logit_bias`.
 
     Args:
         towers: the two encoders with their preprocessing and tokenizer.
-        init_logit_scale: initial temperature multiplier (CLIP: 1/0.07).
+        init_logit_scale: initial temperature multiplier (CLIP: 1/0.07; SigLIP: 10).
         max_logit_scale: the multiplier is clamped here (CLIP: 100).
+        init_logit_bias: initial learnable logit bias (SigLIP: -10); None for no bias (CLIP).
         fusion: cross-modal fusion module; None for a pure dual encoder.
     """
 
@@ -30,6 +32,7 @@ class VLPModel(nn.Module):
         towers: Towers,
         init_logit_scale: float = 1 / 0.07,
         max_logit_scale: float = 100.0,
+        init_logit_bias: Optional[float] = None,
         fusion: Optional[nn.Module] = None,
     ):
         super().__init__()
@@ -37,6 +40,7 @@ class VLPModel(nn.Module):
         self.text_tower = towers.text
         self.fusion = fusion
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
+        self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.max_logit_scale = max_logit_scale
         self.preprocess = towers.preprocess
         self.tokenizer = towers.tokenizer
@@ -50,4 +54,4 @@ class VLPModel(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> VLPOutput:
         # clamp in the forward: gradients stop once the cap is reached, as in open_clip
         scale = self.logit_scale.exp().clamp(max=self.max_logit_scale)
-        return VLPOutput(self.encode_image(images), self.encode_text(tokens), scale)
+        return VLPOutput(self.encode_image(images), self.encode_text(tokens), scale, self.logit_bias)
