@@ -28,6 +28,12 @@ class ModelConf:
     max_logit_scale: float = 100.0
     init_logit_bias: Optional[float] = None  # set for the sigmoid loss
     fusion: Any = None
+    lock_image: bool = False  # LiT: freeze the image tower ...
+    lock_image_unlocked_groups: int = 0  # ... but its last N layer groups
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    lock_text_freeze_layer_norm: bool = True
 
 
 @dataclass
@@ -68,6 +74,15 @@ class OptimConf:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     fused: Optional[bool] = None
+
+
+@dataclass
+class ParamGroupsConf:
+    """Learning rates per tower (multipliers of optim.lr) and layer-wise decay (1.0: off)."""
+
+    image_lr_scale: float = 1.0
+    text_lr_scale: float = 1.0
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -121,6 +136,7 @@ class TrainConf:
     data: DataConf = field(default_factory=DataConf)
     loss: Dict[str, Any] = field(default_factory=dict)  # losses differ in their arguments
     optim: OptimConf = field(default_factory=OptimConf)
+    param_groups: ParamGroupsConf = field(default_factory=ParamGroupsConf)
     scheduler: Optional[SchedulerConf] = field(default_factory=SchedulerConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)
     logger: Optional[Dict[str, Any]] = None

@@ -25,14 +25,16 @@ class VLPLitModule(pl.LightningModule):
         optimizer: partial optimiser taking parameter groups (e.g. AdamW with lr, weight_decay).
         scheduler: partial LR scheduler taking (optimizer, total_steps), stepped every step.
         config: resolved run config, saved into every checkpoint so it rebuilds the model.
+        param_group_options: per-tower LR scales and layer decay for `vlp.optim.param_groups`.
     """
 
     def __init__(self, model: VLPModel, loss: nn.Module, optimizer: partial, scheduler: Optional[partial] = None,
-                 config: Optional[dict] = None):
+                 config: Optional[dict] = None, param_group_options: Optional[dict] = None):
         super().__init__()
         self.model, self.loss = model, loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.config = config
+        self.param_group_options = param_group_options or {}
         self.skipped_samples = 0
         self.validated_at_step: Optional[int] = None
         self._last_step_end: Optional[float] = None
@@ -62,11 +64,13 @@ class VLPLitModule(pl.LightningModule):
         if self._last_step_end is not None:
             self.log("train/samples_per_second", len(batch.images) / (now - self._last_step_end))
         self._last_step_end = now
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("lr", max(g["lr"] for g in self.trainer.optimizers[0].param_groups))  # the base LR
 
     def configure_optimizers(self):
-        weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
-        optimizer = self.optimizer_factory(param_groups(self.model, weight_decay))
+        kwargs = self.optimizer_factory.keywords
+        groups = param_groups(self.model, kwargs.get("weight_decay", 0.0), kwargs["lr"],
+                              **self.param_group_options)
+        optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)

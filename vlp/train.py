@@ -37,6 +37,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         optimizer=instantiate(cfg.optim),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         config=OmegaConf.to_container(cfg, resolve=True),
+        param_group_options=OmegaConf.to_container(cfg.param_groups),
     )
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = build_loggers(cfg.logger, str(run_dir))

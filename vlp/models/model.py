@@ -25,6 +25,10 @@ class VLPModel(nn.Module):
         max_logit_scale: the multiplier is clamped here (CLIP: 100).
         init_logit_bias: initial learnable logit bias (SigLIP: -10); None for no bias (CLIP).
         fusion: cross-modal fusion module; None for a pure dual encoder.
+        lock_image: freeze the image tower (LiT), except its last `lock_image_unlocked_groups`
+            layer groups; `lock_image_freeze_bn_stats` also freezes BatchNorm statistics.
+        lock_text: freeze the text tower, except its last `lock_text_unlocked_layers` layers;
+            `lock_text_freeze_layer_norm` keeps LayerNorms frozen too.
     """
 
     def __init__(
@@ -34,6 +38,12 @@ class VLPModel(nn.Module):
         max_logit_scale: float = 100.0,
         init_logit_bias: Optional[float] = None,
         fusion: Optional[nn.Module] = None,
+        lock_image: bool = False,
+        lock_image_unlocked_groups: int = 0,
+        lock_image_freeze_bn_stats: bool = False,
+        lock_text: bool = False,
+        lock_text_unlocked_layers: int = 0,
+        lock_text_freeze_layer_norm: bool = True,
     ):
         super().__init__()
         self.image_tower = towers.image
@@ -44,6 +54,12 @@ class VLPModel(nn.Module):
         self.max_logit_scale = max_logit_scale
         self.preprocess = towers.preprocess
         self.tokenizer = towers.tokenizer
+        if lock_image:  # open_clip's towers know their own layer groups
+            self.image_tower.lock(unlocked_groups=lock_image_unlocked_groups,
+                                  freeze_bn_stats=lock_image_freeze_bn_stats)
+        if lock_text:
+            self.text_tower.lock(unlocked_layers=lock_text_unlocked_layers,
+                                 freeze_layer_norm=lock_text_freeze_layer_norm)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_tower(images), dim=-1)  # (B, D)
