@@ -29,6 +29,13 @@ def vlp_train(run_dir, data_dir, *overrides, timeout=600):
 
 
 def cli(*args, timeout=600):
+    """Runs `vlp-train` with small-data defaults and checks that it succeeded."""
+    proc = run_cli(*args, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def run_cli(*args, timeout=600):
     """Runs `vlp-train` with small-data defaults; flags (e.g. -m) go first, as Hydra wants."""
     flags, overrides = [a for a in args if a.startswith("-")], [a for a in args if not a.startswith("-")]
     cmd = [sys.executable, "-m", "vlp.train", *flags,
@@ -36,10 +43,8 @@ def cli(*args, timeout=600):
            "data.prepare.samples_per_shard=256", f"data.train.num_samples={TRAIN_SAMPLES}",
            "data.batch_size=32", "data.num_workers=0", "logger=csv", "trainer.enable_progress_bar=false",
            "trainer.enable_model_summary=false", "scheduler.warmup_steps=5", *overrides]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def logged(run_dir, key) -> dict[int, float]:
@@ -116,3 +121,14 @@ def test_multirun_sweeps_into_one_run_directory_per_job(tmp_path, data_dir):
     assert len(jobs) == 2, proc.stdout[-2000:]
     configs = [(j.parent / ".hydra" / "overrides.yaml").read_text() for j in jobs]
     assert any("optim.lr=0.0001" in c for c in configs) and any("optim.lr=0.0003" in c for c in configs)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.train.urls=/no/such/folder/", "shard spec '/no/such/folder/' matches no file"),
+    ("data.train.num_samples=10", "less than one global batch"),
+])
+def test_bad_input_is_reported_in_one_line_without_a_traceback(tmp_path, data_dir, override, message):
+    proc = run_cli("debug=fast", f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}", override)
+    assert proc.returncode == 1
+    output = proc.stdout + proc.stderr
+    assert message in output and "Traceback" not in output

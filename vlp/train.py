@@ -8,6 +8,8 @@
 """
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +17,7 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from vlp.config import register_configs
 from vlp.lit import VLPLitModule
@@ -65,7 +68,14 @@ def summary(metrics: dict[str, float], run_dir: Path) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except (FileNotFoundError, MissingMandatoryValue, ValueError) as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        # bad input (a missing shard, an unset key, a wrong value): the message, not a traceback
+        log.error("%s: %s (HYDRA_FULL_ERROR=1 shows the traceback)", type(err).__name__, err)
+        sys.exit(1)
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
 
 
