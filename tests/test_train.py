@@ -96,8 +96,9 @@ def test_resume_continues_from_the_saved_step(tmp_path, data_dir):
     assert all(abs(lr_resumed[s] - lr_straight[s]) < 1e-9 for s in lr_resumed)
 
 
-@pytest.mark.parametrize("options", [["loss=clip"], ["loss=siglip"], ["model.lock_image=true"]],
-                         ids=["clip", "siglip", "lit"])
+@pytest.mark.parametrize("options", [["loss=clip"], ["loss=siglip"], ["model.lock_image=true"],
+                                     ["micro_batch_size=12", "loss=siglip"]],
+                         ids=["clip", "siglip", "lit", "micro-batched"])
 def test_ddp_on_two_cpu_processes_counts_every_validation_sample_once(tmp_path, data_dir, options):
     metrics = vlp_train(tmp_path / "run", data_dir, "trainer=ddp", "trainer.devices=2", "trainer.max_steps=4",
                         "trainer.val_check_interval=4", "trainer.precision=32-true", *options)

@@ -1,5 +1,6 @@
 """The LightningModule: contrastive pretraining of a VLPModel, with retrieval and zero-shot validation."""
 import time
+from contextlib import nullcontext
 from functools import partial
 from typing import Any, Optional
 
@@ -11,6 +12,7 @@ from vlp.checkpoint import CONFIG_KEY
 from vlp.data.wds import Batch
 from vlp.distributed import all_gather_no_grad
 from vlp.eval import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
+from vlp.microbatch import feature_cached_backward
 from vlp.models import VLPModel
 from vlp.optim import param_groups
 
@@ -26,15 +28,21 @@ class VLPLitModule(pl.LightningModule):
         scheduler: partial LR scheduler taking (optimizer, total_steps), stepped every step.
         config: resolved run config, saved into every checkpoint so it rebuilds the model.
         param_group_options: per-tower LR scales and layer decay for `vlp.optim.param_groups`.
+        micro_batch_size: encode the batch this many rows at a time with a feature cache
+            (`vlp.microbatch`): the full-batch contrastive gradient at the memory of a micro-batch.
     """
 
     def __init__(self, model: VLPModel, loss: nn.Module, optimizer: partial, scheduler: Optional[partial] = None,
-                 config: Optional[dict] = None, param_group_options: Optional[dict] = None):
+                 config: Optional[dict] = None, param_group_options: Optional[dict] = None,
+                 micro_batch_size: Optional[int] = None):
         super().__init__()
         self.model, self.loss = model, loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.config = config
         self.param_group_options = param_group_options or {}
+        self.micro_batch_size = micro_batch_size
+        # micro-batching steps the optimiser itself: one step per batch, after the last micro-batch
+        self.automatic_optimization = micro_batch_size is None
         self.skipped_samples = 0
         self.validated_at_step: Optional[int] = None
         self._last_step_end: Optional[float] = None
@@ -47,16 +55,31 @@ class VLPLitModule(pl.LightningModule):
             dataset.set_position(self.current_epoch, self.global_step)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        out = self.model(batch.images, batch.tokens)
-        logits = (out.logit_scale,) if out.logit_bias is None else (out.logit_scale, out.logit_bias)
-        loss = self.loss(out.image_features, out.text_features, *logits)
+        if self.automatic_optimization:
+            out = self.model(batch.images, batch.tokens)
+            logits = (out.logit_scale,) if out.logit_bias is None else (out.logit_scale, out.logit_bias)
+            loss = self.loss(out.image_features, out.text_features, *logits)
+        else:
+            loss = self._micro_batched_step(batch)
         self.skipped_samples += batch.skipped
         self.log("train/loss", loss.loss, prog_bar=True)
         # this process's count; each rank reads its own share of the data
-        self.log_dict({"train/logit_scale": out.logit_scale, "train/skipped_samples": float(self.skipped_samples)})
+        self.log_dict({"train/logit_scale": self.model.logit_scale.exp().clamp(max=self.model.max_logit_scale),
+                       "train/skipped_samples": float(self.skipped_samples)})
         if hasattr(loss, "accuracy"):
             self.log("train/i2t_acc", loss.accuracy)
         return loss.loss
+
+    def _micro_batched_step(self, batch: Batch):
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        block_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)
+        loss = feature_cached_backward(self.model, self.loss, batch.images, batch.tokens, self.micro_batch_size,
+                                       backward=self.manual_backward, no_sync=block_sync)
+        optimizer.step()
+        optimizer.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+        return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         # per device and including data loading, like open_clip's samples_per_second_per_gpu

@@ -41,6 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         config=OmegaConf.to_container(cfg, resolve=True),
         param_group_options=OmegaConf.to_container(cfg.param_groups),
+        micro_batch_size=cfg.micro_batch_size,
     )
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = build_loggers(cfg.logger, str(run_dir))

@@ -1,0 +1,81 @@
+"""Contrastive-exact micro-batching with a feature cache (GradCache; Gao et al., 2021).
+
+Gradient accumulation changes a contrastive objective: each micro-batch only sees its own
+negatives. Here the loss is computed once over the whole batch (and, through the loss, over
+all ranks) on features encoded without gradient; then each micro-batch is encoded again with
+gradient and back-propagated with its slice of the cached feature gradients. The result is
+the full-batch gradient at the activation memory of one micro-batch, for the price of one
+extra forward pass.
+"""
+from contextlib import nullcontext
+from typing import Callable, ContextManager, NamedTuple
+
+import torch
+from torch import Tensor
+
+from vlp.models.model import VLPOutput
+
+
+class _RngState(NamedTuple):
+    """Random state, so the second encoding draws the same dropout masks as the first."""
+
+    cpu: Tensor
+    cuda: list
+
+    @classmethod
+    def capture(cls) -> "_RngState":
+        return cls(torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def feature_cached_backward(
+    model: Callable[[Tensor, Tensor], VLPOutput],
+    loss_fn: Callable,
+    images: Tensor,
+    tokens: Tensor,
+    micro_batch_size: int,
+    backward: Callable[[Tensor], None] = Tensor.backward,
+    no_sync: Callable[[], ContextManager] = nullcontext,
+):
+    """Accumulates the gradient of `loss_fn` over the whole batch, one micro-batch at a time.
+
+    Args:
+        model: (images, tokens) -> VLPOutput; under DDP the DDP-wrapped model.
+        loss_fn: (image_features, text_features, logit_scale[, logit_bias]) -> output with `.loss`.
+        images: (B, 3, H, W) batch.
+        tokens: (B, L) batch.
+        micro_batch_size: rows encoded with gradient at a time.
+        backward: runs the backward of a scalar (Lightning: `manual_backward`).
+        no_sync: context in which DDP skips its gradient all-reduce; every micro-batch but the
+            last runs in it, so gradients are synchronised once per batch.
+
+    Returns:
+        The loss output over the whole batch (detached).
+    """
+    chunks = list(zip(images.split(micro_batch_size), tokens.split(micro_batch_size)))
+    states, outputs = [], []
+    with torch.no_grad():
+        for chunk_images, chunk_tokens in chunks:
+            states.append(_RngState.capture())
+            outputs.append(model(chunk_images, chunk_tokens))
+    cached = [torch.cat([getattr(o, f) for o in outputs]).detach().requires_grad_() for f in
+              ("image_features", "text_features")]  # (B, D) each
+    logits = [t.detach().requires_grad_() for t in outputs[0][2:] if t is not None]  # scale[, bias]
+    loss = loss_fn(*cached, *logits)
+    loss.loss.backward()  # gradients of the features (collectives of a distributed loss run here)
+    image_grads, text_grads = (t.grad.split(micro_batch_size) for t in cached)
+    for i, ((chunk_images, chunk_tokens), state) in enumerate(zip(chunks, states)):
+        last = i == len(chunks) - 1
+        state.restore()
+        with nullcontext() if last else no_sync():
+            out = model(chunk_images, chunk_tokens)
+            # a scalar whose gradient w.r.t. the parameters is the cached chain rule
+            surrogate = (out.image_features * image_grads[i]).sum() + (out.text_features * text_grads[i]).sum()
+            for value, cached_logit in zip(out[2:], logits):
+                surrogate = surrogate + value * (cached_logit.grad if last else 0.0)
+            backward(surrogate)
+    return type(loss)(*(t.detach() for t in loss))
