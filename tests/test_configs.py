@@ -1,6 +1,7 @@
 """Every config composes and instantiates; mistakes fail at compose time naming the culprit."""
 from pathlib import Path
 
+import open_clip
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -31,8 +32,12 @@ def compose_train(overrides=(), run_dir="/tmp/vlp-test-run"):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(experiment, tmp_path):
-    cfg = compose_train([f"experiment={experiment}", f"data.train.urls={tmp_path}"], str(tmp_path))
+def test_experiment_composes_and_instantiates(experiment, tmp_path, tiny_hf_arch):
+    overrides = [f"experiment={experiment}", f"data.train.urls={tmp_path}"]
+    if experiment == "align":  # same recipe with a tiny local BERT: tests never download
+        assert compose_train(overrides).model.towers.arch == "vlp-align-base"
+        overrides.append(f"model.towers.arch={tiny_hf_arch}")
+    cfg = compose_train(overrides, str(tmp_path))
     model = instantiate(cfg.model)
     assert isinstance(model, VLPModel)
     datamodule = instantiate(cfg.data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
@@ -92,3 +97,11 @@ def test_siglip_initialises_scale_10_and_bias_minus_10():
     model = instantiate(compose_train(["loss=siglip"]).model)
     assert model.logit_scale.exp().item() == pytest.approx(10.0)
     assert model.logit_bias.item() == pytest.approx(-10.0)
+
+
+def test_align_recipe_is_efficientnet_bert_with_label_smoothing():
+    cfg = compose_train(["experiment=align", "data.train.urls=/data"])
+    assert cfg.loss.label_smoothing == 0.1
+    arch = open_clip.get_model_config(cfg.model.towers.arch)
+    assert arch["vision_cfg"]["timm_model_name"].startswith("efficientnet")
+    assert arch["text_cfg"]["hf_model_name"] == "bert-base-uncased"

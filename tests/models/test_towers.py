@@ -53,3 +53,14 @@ def test_timm_image_tower_from_an_open_clip_config(tmp_path):
     assert type(model.image_tower).__name__ == "TimmModel"
     out = model(torch.randn(2, 3, 64, 64), model.tokenizer(["a", "b"]))
     assert out.image_features.shape == out.text_features.shape == (2, 32)
+
+
+def test_hugging_face_text_tower_and_tokenizer_from_a_local_config(tiny_hf_arch):
+    model = VLPModel(open_clip_towers(tiny_hf_arch))
+    assert type(model.text_tower).__name__ == "HFTextEncoder"
+    tokens = model.tokenizer(["a red circle", "two blue stars"])
+    assert tokens.shape == (2, 16)
+    out = model(torch.randn(2, 3, 64, 64), tokens)
+    out.text_features.sum().backward()
+    assert out.text_features.shape == (2, 32)
+    assert model.text_tower.transformer.embeddings.word_embeddings.weight.grad is not None

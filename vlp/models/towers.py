@@ -21,7 +21,6 @@ class Towers(NamedTuple):
     text: nn.Module  # (B, L) token ids -> (B, D)
     preprocess: dict[str, Any]  # open_clip PreprocessCfg fields: size, mean, std, ...
     tokenizer: Callable  # list[str] -> (B, L) token ids
-    context_length: int
 
 
 def open_clip_towers(
@@ -69,6 +68,5 @@ def open_clip_towers(
         image=clip.visual,
         text=clip.text,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(arch, context_length=clip.text.context_length),
-        context_length=clip.text.context_length,
+        tokenizer=open_clip.get_tokenizer(arch, context_length=context_length),
     )
