@@ -63,6 +63,7 @@ class DataConf:
     caption_key: str = "txt"
     label_key: str = "cls"
     seed: int = II("seed")
+    prefetch_factor: int = 4  # batches each worker prepares ahead
 
 
 @dataclass

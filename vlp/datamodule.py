@@ -34,6 +34,7 @@ class VLPDataModule(pl.LightningDataModule):
         prepare: called once per node before reading (e.g. writes synthetic shards).
         image_key, caption_key, label_key: webdataset extensions to read.
         seed: base seed of the shard and sample shuffling.
+        prefetch_factor: batches each worker prepares ahead.
     """
 
     def __init__(
@@ -51,12 +52,14 @@ class VLPDataModule(pl.LightningDataModule):
         caption_key: str = "txt",
         label_key: str = "cls",
         seed: int = 0,
+        prefetch_factor: int = 4,
     ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
         self.train_cfg, self.val_urls = dict(train), (val or {}).get("urls")
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.prefetch_factor = prefetch_factor
         self.zeroshot_path, self.prepare = zeroshot, prepare
         preprocess_cfg = PreprocessCfg(**preprocess)
         keys = dict(image_key=image_key, caption_key=caption_key, label_key=label_key)
@@ -103,7 +106,8 @@ class VLPDataModule(pl.LightningDataModule):
     def _loader(self, dataset) -> DataLoader:
         # the streams batch; the loader must not batch again
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(),
+                          prefetch_factor=self.prefetch_factor if self.num_workers else None)
 
     def zeroshot_prompts(self) -> Optional[tuple[list[str], list[str]]]:
         """(classnames, templates) for zero-shot classification, or None."""

@@ -88,6 +88,8 @@ class VLPLitModule(pl.LightningModule):
             self.log("train/samples_per_second", len(batch.images) / (now - self._last_step_end))
         self._last_step_end = now
         self.log("lr", max(g["lr"] for g in self.trainer.optimizers[0].param_groups))  # the base LR
+        if self.device.type == "cuda":
+            self.log("train/peak_gpu_memory_gb", torch.cuda.max_memory_allocated(self.device) / 2**30)
 
     def configure_optimizers(self):
         kwargs = self.optimizer_factory.keywords
