@@ -127,6 +127,7 @@ def test_multirun_sweeps_into_one_run_directory_per_job(tmp_path, data_dir):
 @pytest.mark.parametrize("override,message", [
     ("data.train.urls=/no/such/folder/", "shard spec '/no/such/folder/' matches no file"),
     ("data.train.num_samples=10", "less than one global batch"),
+    ("micro_batch_size=0", "micro_batch_size must be positive"),
 ])
 def test_bad_input_is_reported_in_one_line_without_a_traceback(tmp_path, data_dir, override, message):
     proc = run_cli("debug=fast", f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}", override)

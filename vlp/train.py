@@ -30,6 +30,11 @@ register_configs()
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fits, validates at the final step, writes `<run dir>/metrics.json` and returns its metrics."""
+    if cfg.micro_batch_size is not None and cfg.micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be positive or null, got {cfg.micro_batch_size}")
+    if cfg.micro_batch_size and cfg.trainer.gradient_clip_val:
+        raise ValueError("micro_batch_size cannot be combined with trainer.gradient_clip_val yet "
+                         "(Lightning clips gradients only when it steps the optimiser itself)")
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
     model = instantiate(cfg.model)
