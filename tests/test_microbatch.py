@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from vlp.losses import ContrastiveLoss, SigmoidLoss
@@ -89,11 +90,19 @@ def _worker(rank, init_file, out_file, bias):
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
         loss_fn = SigmoidLoss() if bias else ContrastiveLoss()
-        model = DistributedDataParallel(dropout_free(TwoTower(bias)))
+        model = DistributedDataParallel(dropout_free(TwoTower(bias)), bucket_cap_mb=1000)  # one bucket
+        reductions = []
+
+        def counting_allreduce(state, bucket):
+            reductions.append(bucket.index())
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, counting_allreduce)
         images, tokens = batch()
         half = slice(rank * B // 2, (rank + 1) * B // 2)
         feature_cached_backward(model, loss_fn, images[half], tokens[half], 3, no_sync=model.no_sync)
-        torch.save({n.removeprefix("module."): p.grad for n, p in model.named_parameters()}, f"{out_file}.{rank}")
+        grads = {n.removeprefix("module."): p.grad for n, p in model.named_parameters()}
+        torch.save({"grads": grads, "reductions": len(reductions)}, f"{out_file}.{rank}")
     except Exception:
         torch.save(traceback.format_exc(), f"{out_file}.{rank}")
     finally:
@@ -110,7 +119,8 @@ def test_two_ranks_micro_batched_equal_one_process_full_batch(bias):
         results = [torch.load(f"{out_file}.{r}", weights_only=False) for r in range(2)]
     for r in results:
         assert isinstance(r, dict), r  # a worker's traceback otherwise
+        assert r["reductions"] == 1  # two micro-batches, one gradient all-reduce
     reference = full_batch_grads(dropout_free(TwoTower(bias)), SigmoidLoss() if bias else ContrastiveLoss(), *batch())
     for name, grad in reference.items():
         for r in results:  # DDP averaged the ranks' gradients
-            torch.testing.assert_close(r[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+            torch.testing.assert_close(r["grads"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
