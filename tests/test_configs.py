@@ -88,8 +88,7 @@ def test_every_loss_option_trains_one_step(loss):
     cfg = compose_train([f"loss={loss}"])
     model, loss_fn = instantiate(cfg.model), instantiate(cfg.loss)
     out = model(torch.randn(4, 3, 64, 64), model.tokenizer(["a red circle", "a blue star", "two", "shapes"]))
-    logits = (out.logit_scale,) if out.logit_bias is None else (out.logit_scale, out.logit_bias)
-    loss_fn(out.image_features, out.text_features, *logits).loss.backward()
+    loss_fn(out.image_features, out.text_features, *out.logit_args).loss.backward()
     assert model.logit_scale.grad is not None
 
 

@@ -57,14 +57,13 @@ class VLPLitModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if self.automatic_optimization:
             out = self.model(batch.images, batch.tokens)
-            logits = (out.logit_scale,) if out.logit_bias is None else (out.logit_scale, out.logit_bias)
-            loss = self.loss(out.image_features, out.text_features, *logits)
+            loss = self.loss(out.image_features, out.text_features, *out.logit_args)
         else:
             loss = self._micro_batched_step(batch)
         self.skipped_samples += batch.skipped
         self.log("train/loss", loss.loss, prog_bar=True)
         # this process's count; each rank reads its own share of the data
-        self.log_dict({"train/logit_scale": self.model.logit_scale.exp().clamp(max=self.model.max_logit_scale),
+        self.log_dict({"train/logit_scale": self.model.scale(),
                        "train/skipped_samples": float(self.skipped_samples)})
         if hasattr(loss, "accuracy"):
             self.log("train/i2t_acc", loss.accuracy)

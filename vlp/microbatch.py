@@ -64,7 +64,7 @@ def feature_cached_backward(
             outputs.append(model(chunk_images, chunk_tokens))
     cached = [torch.cat([getattr(o, f) for o in outputs]).detach().requires_grad_() for f in
               ("image_features", "text_features")]  # (B, D) each
-    logits = [t.detach().requires_grad_() for t in outputs[0][2:] if t is not None]  # scale[, bias]
+    logits = [t.detach().requires_grad_() for t in outputs[0].logit_args]  # scale[, bias]
     loss = loss_fn(*cached, *logits)
     loss.loss.backward()  # gradients of the features (collectives of a distributed loss run here)
     image_grads, text_grads = (t.grad.split(micro_batch_size) for t in cached)
@@ -75,7 +75,7 @@ def feature_cached_backward(
             out = model(chunk_images, chunk_tokens)
             # a scalar whose gradient w.r.t. the parameters is the cached chain rule
             surrogate = (out.image_features * image_grads[i]).sum() + (out.text_features * text_grads[i]).sum()
-            for value, cached_logit in zip(out[2:], logits):
+            for value, cached_logit in zip(out.logit_args, logits):
                 surrogate = surrogate + value * (cached_logit.grad if last else 0.0)
             backward(surrogate)
     return type(loss)(*(t.detach() for t in loss))

@@ -15,6 +15,11 @@ class VLPOutput(NamedTuple):
     logit_scale: torch.Tensor  # scalar multiplier, exp of the learnable log-scale, clamped
     logit_bias: Optional[torch.Tensor]  # scalar added to the logits (sigmoid loss); None without
 
+    @property
+    def logit_args(self) -> tuple[torch.Tensor, ...]:
+        """What a loss takes after the features: (logit_scale,) or (logit_scale, logit_bias)."""
+        return (self.logit_scale,) if self.logit_bias is None else (self.logit_scale, self.logit_bias)
+
 
 class VLPModel(nn.Module):
     """Dual encoder. State-dict prefixes are stable: `image_tower.`, `text_tower.`, `logit_scale`, `logit_bias`.
@@ -67,7 +72,9 @@ class VLPModel(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_tower(tokens), dim=-1)  # (B, D)
 
+    def scale(self) -> torch.Tensor:
+        """The logit multiplier; clamped, so its gradient stops at the cap, as in open_clip."""
+        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> VLPOutput:
-        # clamp in the forward: gradients stop once the cap is reached, as in open_clip
-        scale = self.logit_scale.exp().clamp(max=self.max_logit_scale)
-        return VLPOutput(self.encode_image(images), self.encode_text(tokens), scale, self.logit_bias)
+        return VLPOutput(self.encode_image(images), self.encode_text(tokens), self.scale(), self.logit_bias)
