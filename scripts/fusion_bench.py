@@ -29,9 +29,9 @@ def run(args, fusion: str, data_dir: Path, work: Path, tag: str) -> tuple[float,
            "data.prepare=null", f"data.train.num_samples={args.steps * args.batch_size}",
            f"model.towers.arch={args.model}", f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
            f"trainer.max_steps={args.steps}", f"trainer.precision={args.precision}", "data.val.urls=null",
-           "logger=csv", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", f"fusion={fusion}"]
+           "logger=csv", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
     if fusion != "null":
-        cmd += [f"model.fusion.width={args.width}", f"model.fusion.layers={args.layers}"]
+        cmd += [f"fusion={fusion}", f"model.fusion.width={args.width}", f"model.fusion.layers={args.layers}"]
     rss = timed(cmd, work / f"{tag}.log")
     with open(run_dir / "csv" / "metrics.csv") as f:
         rates = [float(r["train/samples_per_second"]) for r in csv.DictReader(f) if r.get("train/samples_per_second")]
