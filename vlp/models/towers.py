@@ -2,13 +2,17 @@
 
 Any open_clip architecture works by name (`ViT-B-32`, `RN50`, timm- and HF-text-tower
 configs); the small in-repo configs in `configs/` are registered on import for tests
-and the demo. Weights load from an open_clip pretrained tag or a local checkpoint file.
+and the demo. Weights load from an open_clip pretrained tag, a local checkpoint file, or a
+vlp checkpoint or export (`vlp.models.weights`).
 """
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
 import open_clip
 import torch.nn as nn
+
+from vlp.models.weights import is_vlp_weights, read_state_dict, weights_loaded_later
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -35,8 +39,9 @@ def open_clip_towers(
 
     Args:
         arch: open_clip model name (`open_clip.list_models()`), or `hf-hub:` / `local-dir:`.
-        pretrained: open_clip pretrained tag (e.g. `laion2b_s34b_b79k`) or a local
-            checkpoint path; None for random initialisation.
+        pretrained: open_clip pretrained tag (e.g. `laion2b_s34b_b79k`), a local open_clip
+            checkpoint file, or a vlp checkpoint (`.ckpt`) or `vlp-export` folder (its towers);
+            None for random initialisation.
         image_size: overrides the architecture's input resolution.
         context_length: overrides the text context length.
         cache_dir: where tagged weights are downloaded to.
@@ -47,22 +52,26 @@ def open_clip_towers(
             f"architectures, e.g. {', '.join(open_clip.list_models()[:5])}, ... "
             "(open_clip.list_models() lists them all)"
         )
-    if pretrained and not Path(pretrained).is_file() and ":" not in arch:
+    from_vlp = bool(pretrained) and is_vlp_weights(pretrained)
+    if pretrained and not Path(pretrained).exists() and ":" not in arch:
         tags = open_clip.list_pretrained_tags_by_model(arch)
         if pretrained not in tags:
             raise ValueError(
                 f"model.towers.pretrained={pretrained!r} is neither a file nor an open_clip tag "
                 f"of {arch} (tags: {', '.join(tags) or 'none'})"
             )
-    clip = open_clip.create_model(
-        arch,
-        pretrained=pretrained,
-        force_custom_text=True,  # keeps the text tower one module: `clip.text`
-        force_image_size=image_size,
-        force_context_length=context_length,
-        pretrained_text=False,  # never fetch HF text weights implicitly
-        cache_dir=cache_dir,
-    )
+    with weights_loaded_later() if from_vlp else nullcontext():
+        clip = open_clip.create_model(
+            arch,
+            pretrained=None if from_vlp else pretrained,
+            force_custom_text=True,  # keeps the text tower one module: `clip.text`
+            force_image_size=image_size,
+            force_context_length=context_length,
+            pretrained_text=False,  # never fetch HF text weights implicitly
+            cache_dir=cache_dir,
+        )
+    if from_vlp:
+        _load_towers(clip, pretrained)
     preprocess = dict(open_clip.get_model_preprocess_cfg(clip))
     return Towers(
         image=clip.visual,
@@ -70,3 +79,15 @@ def open_clip_towers(
         preprocess=preprocess,
         tokenizer=open_clip.get_tokenizer(arch, context_length=context_length),
     )
+
+
+def _load_towers(clip: nn.Module, path: str) -> None:
+    """Both towers' weights from a vlp checkpoint or export; they must fit the architecture exactly."""
+    state = read_state_dict(path)
+    for prefix, tower in (("image_tower.", clip.visual), ("text_tower.", clip.text)):
+        try:
+            tower.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        except RuntimeError as err:
+            first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+            raise ValueError(f"model.towers.pretrained={path}: its {prefix.rstrip('.')} does not fit "
+                             f"model.towers.arch ({first})") from err
