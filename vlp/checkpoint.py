@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from vlp.models import VLPModel
 from vlp.models.weights import OPEN_CLIP_CONFIG, LoadReport, load_weights, weights_loaded_later
 
-__all__ = ["CONFIG_KEY", "load_model", "load_weights", "LoadReport", "model_config"]
+__all__ = ["CONFIG_KEY", "load_model", "load_weights", "LoadReport", "model_config", "weights_loaded_later"]
 
 CONFIG_KEY = "vlp_config"  # where checkpoints keep the resolved run config (exports: in open_clip_config.json)
 

@@ -157,5 +157,20 @@ class TrainConf:
     tags: List[str] = field(default_factory=list)
 
 
+@dataclass
+class EvalConf:
+    """`vlp-eval`: the model comes from `model_path`, else from the `model` group (an open_clip tag)."""
+
+    model: ModelConf = field(default_factory=ModelConf)
+    data: DataConf = field(default_factory=DataConf)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    paths: PathsConf = field(default_factory=PathsConf)
+    model_path: Optional[str] = None  # vlp .ckpt or vlp-export folder
+    image_folder: Optional[str] = None  # ImageNet-style class/xxx.jpg folder for zero-shot classification
+    zeroshot: Optional[str] = II("data.zeroshot")  # prompts: JSON file or a built-in set (imagenet)
+    seed: int = 0
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConf)
+    ConfigStore.instance().store(name="eval_schema", node=EvalConf)

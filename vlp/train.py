@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from vlp.checkpoint import load_weights
+from vlp.checkpoint import load_weights, weights_loaded_later
 from vlp.config import CONF_DIR, register_configs
 from vlp.lit import VLPLitModule
 from vlp.loggers import build_loggers
@@ -38,7 +39,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                          "(Lightning clips gradients only when it steps the optimiser itself)")
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
-    model = instantiate(cfg.model)
+    with weights_loaded_later() if cfg.init_from else nullcontext():
+        model = instantiate(cfg.model)
     if cfg.init_from:  # weights only: this run's optimiser and schedule start fresh at step 0
         log.info("init_from: %s", load_weights(model, cfg.init_from))
     datamodule = instantiate(cfg.data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
