@@ -38,18 +38,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluates the configured model on the val shards and/or the image folder; writes metrics.json."""
     if not cfg.data.val.urls and not cfg.image_folder:
         raise ValueError("nothing to evaluate: set data.val.urls (webdataset shards) and/or image_folder")
+    if cfg.image_folder and not cfg.zeroshot:
+        raise ValueError("image_folder needs zero-shot prompts: zeroshot=imagenet or a JSON file")
     model = load_model(cfg.model_path) if cfg.model_path else instantiate(cfg.model).eval()
-    metrics = {}
-    if cfg.data.val.urls:
-        metrics |= shard_metrics(model, cfg)
-    if cfg.image_folder:
-        if not cfg.zeroshot:
-            raise ValueError("image_folder needs zero-shot prompts: zeroshot=imagenet or a JSON file")
-        classnames, templates = load_prompts(cfg.zeroshot)
+    if cfg.image_folder:  # checked before the shards run
+        prompts = load_prompts(cfg.zeroshot)
         transform = image_transform_v2(PreprocessCfg(**model.preprocess), is_train=False)
-        dataset = image_folder(cfg.image_folder, transform, len(classnames))
-        found = folder_zeroshot_metrics(model, dataset, classnames, templates, cfg.data.batch_size,
-                                        cfg.data.num_workers, cfg.trainer.enable_progress_bar)
+        dataset = image_folder(cfg.image_folder, transform, len(prompts[0]))
+    metrics = shard_metrics(model, cfg) if cfg.data.val.urls else {}
+    if cfg.image_folder:
+        found = folder_zeroshot_metrics(model, dataset, *prompts, cfg.data.batch_size, cfg.data.num_workers,
+                                        cfg.trainer.enable_progress_bar)
         metrics |= {f"folder/{k}": v for k, v in found.items()}
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
