@@ -24,6 +24,7 @@ class TowersConf:
     image_size: Optional[int] = None
     context_length: Optional[int] = None
     cache_dir: Optional[str] = None
+    text_model: Optional[str] = None  # HF text tower + tokenizer from this id or local folder (HF archs)
 
 
 @dataclass

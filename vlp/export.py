@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from vlp.checkpoint import CONFIG_KEY, load_model, model_config
 from vlp.models import VLPModel
+from vlp.models.towers import hf_text_cfg
 from vlp.models.weights import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, VLP_WEIGHTS
 
 _TOWER_PREFIXES = {"image_tower.": "visual.", "text_tower.": "text."}
@@ -85,6 +86,8 @@ def open_clip_model_cfg(towers_cfg: dict[str, Any], model: VLPModel) -> dict[str
         cfg["vision_cfg"]["image_size"] = towers_cfg["image_size"]
     if towers_cfg.get("context_length"):
         cfg["text_cfg"]["context_length"] = towers_cfg["context_length"]
+    if towers_cfg.get("text_model"):
+        cfg["text_cfg"] = hf_text_cfg(arch, towers_cfg["text_model"], towers_cfg.get("context_length"))
     if model.logit_bias is not None:
         cfg["init_logit_bias"] = float(model.logit_bias)  # gives open_clip's model the parameter
     return cfg

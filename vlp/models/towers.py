@@ -5,12 +5,14 @@ configs); the small in-repo configs in `configs/` are registered on import for t
 and the demo. Weights load from an open_clip pretrained tag, a local checkpoint file, or a
 vlp checkpoint or export (`vlp.models.weights`).
 """
+import copy
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
 import open_clip
 import torch.nn as nn
+from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer
 
 from vlp.models.weights import is_vlp_weights, read_state_dict, weights_loaded_later
 
@@ -34,6 +36,7 @@ def open_clip_towers(
     image_size: Optional[int] = None,
     context_length: Optional[int] = None,
     cache_dir: Optional[str] = None,
+    text_model: Optional[str] = None,
 ) -> Towers:
     """Builds both towers of an open_clip architecture.
 
@@ -45,6 +48,9 @@ def open_clip_towers(
         image_size: overrides the architecture's input resolution.
         context_length: overrides the text context length.
         cache_dir: where tagged weights are downloaded to.
+        text_model: a Hugging Face model id or local folder (config and tokenizer files) replacing
+            the architecture's HF text tower and tokenizer, e.g. a copy of bert-base-uncased for
+            `vlp-align-base` on a machine without the hub.
     """
     if ":" not in arch and arch not in open_clip.list_models():
         raise ValueError(
@@ -53,6 +59,7 @@ def open_clip_towers(
             "(open_clip.list_models() lists them all)"
         )
     from_vlp = bool(pretrained) and is_vlp_weights(pretrained)
+    text_cfg = hf_text_cfg(arch, text_model, context_length) if text_model else None
     if pretrained and not Path(pretrained).exists() and ":" not in arch:
         tags = open_clip.list_pretrained_tags_by_model(arch)
         if pretrained not in tags:
@@ -69,6 +76,7 @@ def open_clip_towers(
             force_context_length=context_length,
             pretrained_text=False,  # never fetch HF text weights implicitly
             cache_dir=cache_dir,
+            **({"text_cfg": text_cfg} if text_model else {}),
         )
     if from_vlp:
         _load_towers(clip, pretrained)
@@ -77,8 +85,25 @@ def open_clip_towers(
         image=clip.visual,
         text=clip.text,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(arch, context_length=context_length),
+        tokenizer=HFTokenizer(text_model, context_length=text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH))
+        if text_model
+        else open_clip.get_tokenizer(arch, context_length=context_length),
     )
+
+
+def hf_text_cfg(arch: str, text_model: str, context_length: Optional[int] = None) -> dict[str, Any]:
+    """The text config of `arch` with its Hugging Face tower and tokenizer read from `text_model`.
+
+    Raises:
+        ValueError: `arch` has no Hugging Face text tower.
+    """
+    text_cfg = copy.deepcopy((open_clip.get_model_config(arch) or {}).get("text_cfg", {}))
+    if "hf_model_name" not in text_cfg:
+        raise ValueError(f"model.towers.text_model={text_model!r}: {arch} has no Hugging Face text tower")
+    text_cfg.update(hf_model_name=text_model, hf_tokenizer_name=text_model, hf_model_pretrained=False)
+    if context_length:
+        text_cfg["context_length"] = context_length
+    return text_cfg
 
 
 def _load_towers(clip: nn.Module, path: str) -> None:
