@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import hydra
+import torch
 import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -47,7 +48,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         dataset = image_folder(cfg.image_folder, transform, len(prompts[0]))
     metrics = shard_metrics(model, cfg) if cfg.data.val.urls else {}
     if cfg.image_folder:
-        found = folder_zeroshot_metrics(model, dataset, *prompts, cfg.data.batch_size, cfg.data.num_workers,
+        gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        found = folder_zeroshot_metrics(model.to("cuda" if gpu else "cpu"), dataset, *prompts, cfg.data.batch_size, cfg.data.num_workers,
                                         cfg.trainer.enable_progress_bar)
         metrics |= {f"folder/{k}": v for k, v in found.items()}
     run_dir = Path(cfg.paths.run_dir)
