@@ -54,6 +54,10 @@ def test_eval_of_checkpoint_and_export_equals_validation_in_training(trained_run
     run_module("vlp.export", ckpt, export)
     from_export = vlp_eval(tmp_path / "export-eval", f"model_path={export}", f"paths.data_dir={data_dir}")
     assert val_metrics(from_export) == pytest.approx(trained, abs=1e-6)
+    # the same folder as a plain open_clip model (the model group's towers), as any local-dir folder
+    as_open_clip = vlp_eval(tmp_path / "open-clip-eval", f"model.towers.arch=local-dir:{export}",
+                            f"paths.data_dir={data_dir}")
+    assert val_metrics(as_open_clip) == pytest.approx(trained, abs=1e-6)
 
 
 def test_image_folder_zero_shot_equals_the_shards_and_the_training_callback(trained_run, val_folder, tmp_path):

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import open_clip
 import pytest
 import torch
 from conftest import SMALL_DATA, run_module
@@ -130,8 +131,8 @@ def test_towers_pretrained_accepts_a_checkpoint_and_an_export(trained_run, expor
 def test_init_from_with_locked_image_tower_starts_a_new_run_at_step_zero(trained_run, tmp_path):
     run_dir, data_dir = trained_run
     proc = run_module("vlp.train", "debug=fast", f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}",
-                      *SMALL_DATA, "trainer.max_steps=2", "model.lock_image=true", "model.lock_image_freeze_bn_stats=true",
-                      f"init_from={run_dir / 'checkpoints' / 'last.ckpt'}")
+                      *SMALL_DATA, "trainer.max_steps=2", "model.lock_image=true",
+                      "model.lock_image_freeze_bn_stats=true", f"init_from={run_dir / 'checkpoints' / 'last.ckpt'}")
     assert "init_from: loaded" in proc.stdout + proc.stderr
     assert json.loads((tmp_path / "metrics.json").read_text())["global_step"] == 2  # not 4 + 2
     source = vlp.load(run_dir / "checkpoints" / "last.ckpt")[0]
@@ -143,3 +144,6 @@ def test_init_from_with_locked_image_tower_starts_a_new_run_at_step_zero(trained
         assert torch.equal(state[f"model.image_tower.{key}"], value), key
     # the text tower trained on from the source's weights
     assert not all(torch.equal(state[f"model.text_tower.{k}"], v) for k, v in source.text_tower.state_dict().items())
+    # a LiT model (frozen BatchNorm) exports to a folder open_clip loads strictly
+    run_module("vlp.export", tmp_path / "checkpoints" / "last.ckpt", tmp_path / "export")
+    assert open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")

@@ -28,6 +28,9 @@ def model_config(path: Union[str, Path]) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         config = json.loads((path / OPEN_CLIP_CONFIG).read_text()).get(CONFIG_KEY)
+    elif path.suffix == ".safetensors":
+        raise KeyError(f"{path} holds weights without a model config: load a vlp checkpoint or vlp-export "
+                       "folder, or give the file to init_from= / model.towers.pretrained=")
     else:
         config = torch.load(path, map_location="cpu", weights_only=True).get(CONFIG_KEY)
     if not config or "model" not in config:

@@ -7,7 +7,8 @@
 
 Webdataset shards (`data.val.urls`) go through the same LightningModule validation as `vlp-train`
 (retrieval recall@k and, with prompts, zero-shot top-k on the labelled samples: `val/...` keys), so
-the numbers equal those of training on the same data; an image folder gives `folder/zeroshot_top1|5`.
+the numbers equal those of training on the same data, on one device or many (`trainer=ddp`); an image
+folder gives `folder/zeroshot_top1|5`, computed on one device (rank 0).
 Prints a table and writes `<run dir>/metrics.json`.
 """
 import json
@@ -24,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from open_clip.transform import PreprocessCfg, image_transform_v2
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from vlp.checkpoint import load_model
 from vlp.config import CONF_DIR, register_configs
@@ -47,10 +49,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         transform = image_transform_v2(PreprocessCfg(**model.preprocess), is_train=False)
         dataset = image_folder(cfg.image_folder, transform, len(prompts[0]))
     metrics = shard_metrics(model, cfg) if cfg.data.val.urls else {}
+    if rank_zero_only.rank != 0:  # under DDP the other ranks only helped with the shards
+        return metrics
     if cfg.image_folder:
         gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-        found = folder_zeroshot_metrics(model.to("cuda" if gpu else "cpu"), dataset, *prompts, cfg.data.batch_size, cfg.data.num_workers,
-                                        cfg.trainer.enable_progress_bar)
+        found = folder_zeroshot_metrics(model.to("cuda" if gpu else "cpu"), dataset, *prompts, cfg.data.batch_size,
+                                        cfg.data.num_workers, cfg.trainer.enable_progress_bar)
         metrics |= {f"folder/{k}": v for k, v in found.items()}
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

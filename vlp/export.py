@@ -60,7 +60,10 @@ def open_clip_state_dict(model: VLPModel) -> tuple[dict[str, torch.Tensor], list
     for key, value in model.state_dict().items():
         prefix = next((p for p in _TOWER_PREFIXES if key.startswith(p)), None)
         if prefix:
-            state[_TOWER_PREFIXES[prefix] + key[len(prefix):]] = value.contiguous()
+            name = _TOWER_PREFIXES[prefix] + key[len(prefix):]
+            state[name] = value.contiguous()
+            if name.endswith(".running_mean"):  # a frozen BatchNorm (LiT) has no counter; open_clip's has one
+                state.setdefault(name.removesuffix("running_mean") + "num_batches_tracked", torch.tensor(0))
         elif key not in ("logit_scale", "logit_bias"):
             rest.append(key)
     # open_clip does not clamp: export the multiplier vlp uses, so the logits agree
