@@ -1,5 +1,8 @@
-"""Shared fixtures: small model configs built offline from files the tests write."""
+"""Shared fixtures: small model configs built offline from files the tests write; a small trained run."""
 import json
+import os
+import subprocess
+import sys
 
 import open_clip
 import pytest
@@ -27,3 +30,25 @@ def tiny_hf_arch(tmp_path_factory) -> str:
     path.write_text(json.dumps(config))
     open_clip.add_model_config(path)
     return "test-tiny-align"
+
+# synthetic data of 256 training and 64 validation samples, batches of 32, no progress bars
+SMALL_DATA = ("data.prepare.train_samples=256", "data.prepare.val_samples=64", "data.prepare.samples_per_shard=64",
+              "data.train.num_samples=256", "data.batch_size=32", "trainer.enable_progress_bar=false")
+
+
+def run_module(module: str, *args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    """Runs `python -m module args` as a user would run its console script; fails the test if it fails."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A `vlp-train debug=fast` run (4 steps of the default model) on small synthetic data: (run dir, data dir)."""
+    root = tmp_path_factory.mktemp("trained")
+    run_module("vlp.train", "debug=fast", f"paths.data_dir={root / 'data'}", f"hydra.run.dir={root / 'run'}",
+               *SMALL_DATA)
+    return root / "run", root / "data"

@@ -4,10 +4,16 @@ The YAML files in `conf/` fill this schema; `train.yaml` lists it first in its d
 Keys that Lightning's `Trainer` takes but the schema lacks can still be added with `+trainer.KEY=...`.
 """
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
+
+_PACKAGE = Path(__file__).resolve().parent
+# installed (pip install ., a wheel): the package data vlp/conf; a source tree: conf/ beside vlp/
+CONF_DIR = str(next((d for d in (_PACKAGE / "conf", _PACKAGE.parent / "conf") if (d / "train.yaml").is_file()),
+                    _PACKAGE / "conf"))
 
 
 @dataclass
@@ -18,6 +24,7 @@ class TowersConf:
     image_size: Optional[int] = None
     context_length: Optional[int] = None
     cache_dir: Optional[str] = None
+    text_model: Optional[str] = None  # HF text tower + tokenizer from this id or local folder (HF archs)
 
 
 @dataclass
@@ -161,10 +168,26 @@ class TrainConf:
     paths: PathsConf = field(default_factory=PathsConf)
     seed: int = 0
     ckpt_path: Optional[str] = None  # resume from this checkpoint
+    init_from: Optional[str] = None  # weights only (vlp .ckpt or vlp-export folder): a new run from step 0
     micro_batch_size: Optional[int] = None  # contrastive-exact micro-batching (feature cache), per device
     optimized_metric: Optional[str] = "val/zeroshot_top1"  # what `vlp-train` returns to sweepers
     tags: List[str] = field(default_factory=list)
 
 
+@dataclass
+class EvalConf:
+    """`vlp-eval`: the model comes from `model_path`, else from the `model` group (an open_clip tag)."""
+
+    model: ModelConf = field(default_factory=ModelConf)
+    data: DataConf = field(default_factory=DataConf)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    paths: PathsConf = field(default_factory=PathsConf)
+    model_path: Optional[str] = None  # vlp .ckpt or vlp-export folder
+    image_folder: Optional[str] = None  # ImageNet-style class/xxx.jpg folder for zero-shot classification
+    zeroshot: Optional[str] = II("data.zeroshot")  # prompts: JSON file or a built-in set (imagenet)
+    seed: int = 0
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConf)
+    ConfigStore.instance().store(name="eval_schema", node=EvalConf)

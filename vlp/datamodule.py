@@ -1,5 +1,4 @@
 """LightningDataModule over webdataset shards (Lightning glue for vlp.data)."""
-import json
 import logging
 import warnings
 from typing import Any, Callable, Optional
@@ -10,6 +9,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch.utils.data import DataLoader
 
 from vlp.data.wds import IMAGE_KEYS, EvalStream, SampleDecoder, TrainStream, count_samples, expand_urls
+from vlp.eval.prompts import load_prompts
 
 log = logging.getLogger(__name__)
 # the streams split batches over workers exactly, so their __len__ is right with any number of workers
@@ -29,8 +29,8 @@ class VLPDataModule(pl.LightningDataModule):
         preprocess: the model's open_clip preprocessing config (size, mean, std, ...).
         tokenizer: the model's tokenizer.
         augment: open_clip `AugmentationCfg` fields for training images.
-        zeroshot: JSON file with `classnames` and `templates` for zero-shot
-            classification on the labelled (`.cls`) validation samples; None to skip.
+        zeroshot: JSON file with `classnames` and `templates`, or a built-in set (`imagenet`), for
+            zero-shot classification on the labelled (`.cls`) validation samples; None to skip.
         prepare: called once per node before reading (e.g. writes synthetic shards).
         image_key, caption_key, label_key: webdataset extensions to read.
         seed: base seed of the shard and sample shuffling.
@@ -111,8 +111,4 @@ class VLPDataModule(pl.LightningDataModule):
 
     def zeroshot_prompts(self) -> Optional[tuple[list[str], list[str]]]:
         """(classnames, templates) for zero-shot classification, or None."""
-        if not self.zeroshot_path:
-            return None
-        with open(self.zeroshot_path) as f:
-            spec = json.load(f)
-        return spec["classnames"], spec["templates"]
+        return load_prompts(self.zeroshot_path) if self.zeroshot_path else None

@@ -4,12 +4,14 @@
     vlp-train model=clip_tiny trainer.max_steps=200
     vlp-train trainer=ddp trainer.devices=2      # 2 processes (gloo on CPU, NCCL on GPU)
     vlp-train ckpt_path=runs/x/checkpoints/last.ckpt   # resume
+    vlp-train init_from=runs/x/checkpoints/last.ckpt   # a new run from its weights
     vlp-train -m optim.lr=1e-4,3e-4             # sweep
 """
 import json
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -19,12 +21,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from vlp.config import register_configs
+from vlp.checkpoint import load_weights, weights_loaded_later
+from vlp.config import CONF_DIR, register_configs
 from vlp.lit import VLPLitModule
 from vlp.loggers import build_loggers
 
 log = logging.getLogger(__name__)
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from the console script too
 register_configs()
 
 
@@ -37,7 +39,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                          "(Lightning clips gradients only when it steps the optimiser itself)")
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
-    model = instantiate(cfg.model)
+    with weights_loaded_later() if cfg.init_from else nullcontext():
+        model = instantiate(cfg.model)
+    if cfg.init_from:  # weights only: this run's optimiser and schedule start fresh at step 0
+        log.info("init_from: %s", load_weights(model, cfg.init_from))
     datamodule = instantiate(cfg.data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
     lit = VLPLitModule(
         model,

@@ -11,6 +11,7 @@ import webdataset as wds
 from PIL import Image
 
 from vlp.data import synthetic
+from vlp.data.wds import count_samples, expand_urls
 from vlp.data.synthetic import (
     CLASSNAMES, COLOURS, HELDOUT, SHAPES, TEMPLATES, main, render_sample, write_dataset,
     write_split,
@@ -213,6 +214,15 @@ def test_write_dataset_skips_complete_dataset_and_removes_stale_shards(tmp_path,
     assert not (tmp_path / "manifest.json").exists()
     write_dataset(tmp_path, train_samples=10, **kwargs)
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
+
+
+def test_write_dataset_writes_sizes_json_that_data_wds_reads(tmp_path):
+    write_dataset(tmp_path, train_samples=30, val_samples=8, samples_per_shard=20, image_size=32, workers=1)
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    assert sizes == {"train-000000.tar": 20, "train-000001.tar": 10, "val-000000.tar": 8}
+    for shard, size in sizes.items():  # the counts are the shards' real sample counts
+        assert sum(1 for _ in wds.WebDataset(str(tmp_path / shard), shardshuffle=False)) == size
+    assert count_samples(expand_urls(str(tmp_path / "train-*.tar"))) == 30
 
 
 def test_cli_writes_dataset_and_reruns_quickly(tmp_path, capsys, monkeypatch):

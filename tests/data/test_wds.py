@@ -59,6 +59,15 @@ def test_expand_urls_accepts_braces_folders_globs_and_lists(tmp_path):
     assert expand_urls("pipe:curl -s http://host/a.tar") == ["pipe:curl -s http://host/a.tar"]
 
 
+def test_a_folder_of_several_splits_is_refused_not_read_whole(tmp_path):
+    for split in ("train", "val"):
+        with wds.TarWriter(str(tmp_path / f"{split}-000000.tar")) as sink:
+            sink.write({"__key__": "a", "png": _png((0, 0, 0)), "txt": "x"})
+    with pytest.raises(ValueError, match=r"several splits \(train, val\).*train-\*\.tar"):
+        expand_urls(str(tmp_path))
+    assert expand_urls(str(tmp_path / "train-*.tar")) == [str(tmp_path / "train-000000.tar")]
+
+
 def test_expand_urls_names_the_spec_that_matches_nothing(tmp_path):
     missing = str(tmp_path / "nope-{000..002}.tar")
     with pytest.raises(FileNotFoundError, match="nope-000.tar"):

@@ -1,5 +1,8 @@
 """Towers from open_clip: architectures by name, weights from a local checkpoint file."""
 import json
+import os
+import subprocess
+import sys
 
 import open_clip
 import pytest
@@ -64,3 +67,23 @@ def test_hugging_face_text_tower_and_tokenizer_from_a_local_config(tiny_hf_arch)
     out.text_features.sum().backward()
     assert out.text_features.shape == (2, 32)
     assert model.text_tower.transformer.embeddings.word_embeddings.weight.grad is not None
+
+
+def test_lit_partial_unlock_works_on_vit_towers_and_is_refused_clearly_on_resnet():
+    model = VLPModel(open_clip_towers("vlp-clip-micro"), lock_image=True, lock_image_unlocked_groups=2)
+    trainable = [p.requires_grad for p in model.image_tower.parameters()]
+    assert any(trainable) and not all(trainable)
+    with pytest.raises(ValueError, match="lock_image_unlocked_groups=2.*ResNet image towers lock whole"):
+        VLPModel(open_clip_towers("vlp-clip-rn-micro"), lock_image=True, lock_image_unlocked_groups=2)
+
+
+def test_align_builds_offline_from_a_local_bert_folder(tiny_hf_arch, tmp_path):
+    bert = open_clip.get_model_config(tiny_hf_arch)["text_cfg"]["hf_model_name"]  # a local folder
+    build = ("from vlp.models import VLPModel, open_clip_towers; import sys; "
+             "m = VLPModel(open_clip_towers('vlp-align-base', text_model=sys.argv[1])); "
+             "print(m.text_tower.config.hidden_size, m.tokenizer(['a red circle']).shape[1])")
+    # an empty cache and no hub: everything must come from the folder
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", build, bert], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["32", "64"]  # the tiny BERT's width; vlp-align-base's context length

@@ -319,7 +319,7 @@ def write_split(out_dir, split, num_samples, *, seed=0, samples_per_shard=1000, 
 
 def write_dataset(out_dir, *, train_samples=20000, val_samples=512, seed=0,
                   samples_per_shard=1000, image_size=64, workers=None, progress=False):
-    """Writes both splits, zeroshot.json and manifest.json; skips work if already complete.
+    """Writes both splits, zeroshot.json, sizes.json and manifest.json; skips work if already complete.
 
     Args:
         out_dir: Output folder, created if missing.
@@ -345,13 +345,17 @@ def write_dataset(out_dir, *, train_samples=20000, val_samples=512, seed=0,
                 "image_size": image_size, "shards": shards}
     manifest_path = out / "manifest.json"
     complete = manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest
-    if not (complete and all((out / f"{split}-{i:06d}.tar").is_file()
-                             for split, n in num_shards.items() for i in range(n))):
+    if not (complete and (out / "sizes.json").is_file() and all((out / f"{split}-{i:06d}.tar").is_file()
+                                                              for split, n in num_shards.items() for i in range(n))):
         for split, n in counts.items():
             write_split(out, split, n, seed=seed, samples_per_shard=samples_per_shard,
                         image_size=image_size, workers=workers, progress=progress)
         zeroshot = {"classnames": CLASSNAMES, "templates": list(TEMPLATES)}
         (out / "zeroshot.json").write_text(json.dumps(zeroshot, indent=2))
+        # samples per shard, open_clip's convention: data=wds reads an epoch's size from it
+        sizes = {f"{split}-{i:06d}.tar": min(samples_per_shard, n - i * samples_per_shard)
+                 for split, n in counts.items() for i in range(num_shards[split])}
+        (out / "sizes.json").write_text(json.dumps(sizes, indent=2))
         manifest_path.write_text(json.dumps(manifest, indent=2))
     return {split: str(out / pattern) for split, pattern in shards.items()}
 

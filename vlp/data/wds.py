@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import re
 from itertools import islice
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
@@ -49,6 +50,7 @@ def expand_urls(urls: Union[str, Sequence[str]]) -> list[str]:
 
     Raises:
         FileNotFoundError: a local spec that matches no file, naming the spec.
+        ValueError: a folder holding shards of several splits (`train-*` and `val-*`, ...).
     """
     specs = [urls] if isinstance(urls, str) else list(urls)
     out = []
@@ -65,6 +67,7 @@ def _expand_local(spec: str) -> list[str]:
         return [spec]
     if os.path.isdir(spec):
         found = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        _check_one_split(spec, found)
     elif glob.has_magic(spec):
         found = sorted(glob.glob(spec))
     else:
@@ -72,6 +75,17 @@ def _expand_local(spec: str) -> list[str]:
     if not found:
         raise FileNotFoundError(f"shard spec {spec!r} matches no file")
     return found
+
+
+_SPLITS = re.compile(r"^(train|val|valid|validation|test|eval)[-_.]", re.IGNORECASE)
+
+
+def _check_one_split(folder: str, shards: list[str]) -> None:
+    """A folder stands for all its shards: refuse one that mixes splits rather than train on validation data."""
+    splits = sorted({m.group(1).lower() for s in shards if (m := _SPLITS.match(os.path.basename(s)))})
+    if len(splits) > 1:
+        raise ValueError(f"folder {folder!r} holds shards of several splits ({', '.join(splits)}); "
+                         f"name them with a pattern, e.g. '{os.path.join(folder, 'train-*.tar')}'")
 
 
 class SampleDecoder:

@@ -78,8 +78,12 @@ class VLPModel(nn.Module):
         self.fusion = None if fusion is None else self._build_fusion(fusion)
         self.heads = nn.ModuleDict(self._pretraining_heads() | dict(heads or {}))
         if lock_image:  # open_clip's towers know their own layer groups
-            self.image_tower.lock(unlocked_groups=lock_image_unlocked_groups,
-                                  freeze_bn_stats=lock_image_freeze_bn_stats)
+            try:
+                self.image_tower.lock(unlocked_groups=lock_image_unlocked_groups,
+                                      freeze_bn_stats=lock_image_freeze_bn_stats)
+            except AssertionError as err:  # open_clip's ModifiedResNet locks only whole
+                raise ValueError(f"lock_image_unlocked_groups={lock_image_unlocked_groups}: {err} "
+                                 "(ResNet image towers lock whole; ViT and timm towers by layer group)") from err
         if lock_text:
             self.text_tower.lock(unlocked_layers=lock_text_unlocked_layers,
                                  freeze_layer_norm=lock_text_freeze_layer_norm)
