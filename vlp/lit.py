@@ -17,6 +17,11 @@ from vlp.models import VLPModel
 from vlp.optim import param_groups
 
 
+def _on_host(value: float) -> torch.Tensor:
+    """A host number as a CPU tensor: `self.log` would copy a Python number to the device."""
+    return torch.tensor(float(value))
+
+
 class VLPLitModule(pl.LightningModule):
     """Trains `model` with `loss`; validates with retrieval and zero-shot classification.
 
@@ -46,6 +51,7 @@ class VLPLitModule(pl.LightningModule):
         self.skipped_samples = 0
         self.validated_at_step: Optional[int] = None
         self._last_step_end: Optional[float] = None
+        self._logged_loss: Optional[float] = None
         self._val_outputs: list[tuple[torch.Tensor, ...]] = []
 
     # -- training ---------------------------------------------------------------------------------
@@ -55,19 +61,30 @@ class VLPLitModule(pl.LightningModule):
             dataset.set_position(self.current_epoch, self.global_step)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        logging_step = self._logging_step()  # before a micro-batched step advances global_step
         if self.automatic_optimization:
             out = self.model(batch.images, batch.tokens)
             loss = self.loss(out.image_features, out.text_features, *out.logit_args)
         else:
             loss = self._micro_batched_step(batch)
         self.skipped_samples += batch.skipped
-        self.log("train/loss", loss.loss, prog_bar=True)
+        # Nothing here waits for the device: device values are logged as device tensors, which the
+        # loggers read every `log_every_n_steps`, and host numbers as CPU tensors. The progress
+        # bar reads its values at every refresh, so it shows the loss as of the last logging step.
+        if logging_step or self._logged_loss is None:
+            self._logged_loss = loss.loss.item()
+        self.log("train/loss", _on_host(self._logged_loss), prog_bar=True)
         # this process's count; each rank reads its own share of the data
-        self.log_dict({"train/logit_scale": self.model.scale(),
-                       "train/skipped_samples": float(self.skipped_samples)})
+        self.log_dict({"train/logit_scale": self.model.scale().detach(),
+                       "train/skipped_samples": _on_host(self.skipped_samples)})
         if hasattr(loss, "accuracy"):
             self.log("train/i2t_acc", loss.accuracy)
         return loss.loss
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning hands this step's values to the loggers (its own rule)."""
+        every = self.trainer.log_every_n_steps
+        return bool(self.trainer.fast_dev_run) or (every > 0 and (self.global_step + 1) % every == 0)
 
     def _micro_batched_step(self, batch: Batch):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
@@ -84,11 +101,11 @@ class VLPLitModule(pl.LightningModule):
         # per device and including data loading, like open_clip's samples_per_second_per_gpu
         now = time.perf_counter()
         if self._last_step_end is not None:
-            self.log("train/samples_per_second", len(batch.images) / (now - self._last_step_end))
+            self.log("train/samples_per_second", _on_host(len(batch.images) / (now - self._last_step_end)))
         self._last_step_end = now
-        self.log("lr", max(g["lr"] for g in self.trainer.optimizers[0].param_groups))  # the base LR
-        if self.device.type == "cuda":
-            self.log("train/peak_gpu_memory_gb", torch.cuda.max_memory_allocated(self.device) / 2**30)
+        self.log("lr", _on_host(max(g["lr"] for g in self.trainer.optimizers[0].param_groups)))  # the base LR
+        if self.device.type == "cuda":  # the allocator's host-side counter
+            self.log("train/peak_gpu_memory_gb", _on_host(torch.cuda.max_memory_allocated(self.device) / 2**30))
 
     def configure_optimizers(self):
         kwargs = self.optimizer_factory.keywords
