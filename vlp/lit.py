@@ -12,7 +12,7 @@ from vlp.checkpoint import CONFIG_KEY
 from vlp.data.wds import Batch
 from vlp.distributed import all_gather_no_grad
 from vlp.eval import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
-from vlp.microbatch import feature_cached_backward
+from vlp.microbatch import check_micro_batchable, feature_cached_backward
 from vlp.models import VLPModel
 from vlp.optim import param_groups
 
@@ -46,6 +46,8 @@ class VLPLitModule(pl.LightningModule):
         self.config = config
         self.param_group_options = param_group_options or {}
         self.micro_batch_size = micro_batch_size
+        if micro_batch_size is not None:
+            check_micro_batchable(model)
         # micro-batching steps the optimiser itself: one step per batch, after the last micro-batch
         self.automatic_optimization = micro_batch_size is None
         self.skipped_samples = 0
@@ -89,8 +91,11 @@ class VLPLitModule(pl.LightningModule):
     def _micro_batched_step(self, batch: Batch):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         block_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)
+        # float16 mixed precision: manual_backward scales by the GradScaler's scale, the loss must too
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         loss = feature_cached_backward(self.model, self.loss, batch.images, batch.tokens, self.micro_batch_size,
-                                       backward=self.manual_backward, no_sync=block_sync)
+                                       backward=self.manual_backward, no_sync=block_sync,
+                                       loss_scale=scaler.get_scale() if scaler is not None else 1.0)
         optimizer.step()
         optimizer.zero_grad()
         if scheduler is not None:
