@@ -22,6 +22,7 @@ def load_model(path: Union[str, Path]) -> VLPModel:
         raise KeyError(f"{path} holds no '{CONFIG_KEY}': not a checkpoint written by vlp-train")
     model_cfg = copy.deepcopy(checkpoint[CONFIG_KEY]["model"])
     model_cfg["towers"]["pretrained"] = None  # the weights come from the checkpoint
+    model_cfg["compile"] = False  # a training switch; compile the returned model as you need
     model = instantiate(model_cfg)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
