@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from vlp.checkpoint_io import StreamingCheckpointIO
 from vlp.config import register_configs
 from vlp.lit import VLPLitModule
 from vlp.loggers import build_loggers
@@ -50,7 +51,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = build_loggers(cfg.logger, str(run_dir))
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[StreamingCheckpointIO()])
     trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if datamodule.val_set is not None and lit.validated_at_step != trainer.global_step:
         trainer.validate(lit, datamodule=datamodule, verbose=False)
