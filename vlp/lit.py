@@ -42,7 +42,7 @@ class VLPLitModule(pl.LightningModule):
                  micro_batch_size: Optional[int] = None):
         super().__init__()
         self.model, self.loss = model, loss
-        if model.compile_options is not None:  # model.compile covers the loss too
+        if getattr(model, "compile_options", None) is not None:  # model.compile covers the loss too
             self.loss.compile(**model.compile_options)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.config = config
