@@ -25,6 +25,7 @@ cores / processes for both loops.
 """
 import argparse
 import csv
+import json
 import os
 import re
 import statistics
@@ -46,8 +47,9 @@ sys.exit(code)
 """
 # open_clip_train with its model configs, the two patches above and its peak GPU memory at exit
 OPEN_CLIP_RUNNER = """
-import atexit, os, sys, torch, open_clip, open_clip_train.data as data
-open_clip.add_model_config(sys.argv.pop(1))
+import atexit, json, os, torch, open_clip, open_clip_train.data as data
+args = json.loads(os.environ["BENCH_OPEN_CLIP_ARGS"])  # not argv: torchrun would parse --logs as its own
+open_clip.add_model_config(args.pop(0))
 group = data.group_by_keys_nothrow
 data.group_by_keys_nothrow = lambda files, *a, **k: group((f for f in files if f), *a, **k)
 if not torch.cuda.is_available():
@@ -59,7 +61,7 @@ if not torch.cuda.is_available():
 elif os.environ.get("RANK", "0") == "0":
     atexit.register(lambda: open(os.environ["BENCH_GPU_PEAK"], "w").write(str(torch.cuda.max_memory_allocated())))
 from open_clip_train.main import main
-main(sys.argv[1:])
+main(args)
 """
 
 
@@ -69,11 +71,12 @@ class Run(NamedTuple):
     gpu_mb: Optional[float]  # peak GPU memory of rank 0
 
 
-def timed(cmd: list[str], log: Path, world: int, cores: int) -> int:
+def timed(cmd: list[str], log: Path, world: int, cores: int, **env: str) -> int:
     """Runs cmd with cores / world threads per process; returns its peak RSS in MB (largest process)."""
     rss_file = log.with_suffix(".rss")
     threads = str(max(1, cores // world))
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": threads, "BENCH_GPU_PEAK": str(log.with_suffix(".gpu"))}
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": threads, "BENCH_GPU_PEAK": str(log.with_suffix(".gpu")),
+           **env}
     with open(log, "w") as out:
         proc = subprocess.run([sys.executable, "-c", PEAK_RSS_RUNNER, str(rss_file), *cmd], stdout=out,
                               stderr=subprocess.STDOUT, env=env)
@@ -87,14 +90,14 @@ def run_open_clip(args, model: str, precision: str, batch: int, world: int, step
     runner.write_text(OPEN_CLIP_RUNNER)
     launch = [sys.executable, str(runner)] if world == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(runner)]
-    cmd = [*launch, str(ROOT / "vlp" / "models" / "configs"), "--train-data", args.train_shards,
+    oc_args = [str(ROOT / "vlp" / "models" / "configs"), "--train-data", args.train_shards,
            "--dataset-type", "webdataset", "--train-num-samples", str(steps * batch), "--batch-size", str(batch // world),
            "--workers", str(args.workers), "--model", model, "--precision", PRECISIONS[precision][0], "--epochs", "1",
            "--lr", "5e-4", "--wd", "0.2", "--warmup", "100", "--log-every-n-steps", "1", "--save-frequency", "0",
            "--report-to", "", "--logs", str(work), "--name", tag, "--seed", "0"]
     if world > 1 and args.device == "cpu":
-        cmd += ["--dist-backend", "gloo"]
-    rss = timed(cmd, work / f"{tag}.log", world, args.cores)
+        oc_args += ["--dist-backend", "gloo"]
+    rss = timed(launch, work / f"{tag}.log", world, args.cores, BENCH_OPEN_CLIP_ARGS=json.dumps(oc_args))
     step_times = [float(t) for t in re.findall(r"Batch \(t\): ([0-9.]+)", (work / tag / "out.log").read_text())]
     gpu = work / f"{tag}.gpu"
     return Run([batch / t for t in step_times[args.skip:]], rss, int(gpu.read_text()) / 2**20 if gpu.exists() else None)
@@ -214,10 +217,9 @@ def main() -> None:
     if args.memory_batches:
         print(f"\nPeak memory by global batch, {model} {precision}, {args.memory_steps} steps:")
         print("| batch | open_clip | vlp | vlp / open_clip |\n|---|---|---|---|")
+        every_step = argparse.Namespace(**{**vars(args), "skip": 0})
         for batch in args.memory_batches:
-            args.skip, skip = 0, args.skip
-            runs = alternate(args, model, precision, batch, 1, args.memory_steps, 1, work, f"memory-{batch}")
-            args.skip = skip
+            runs = alternate(every_step, model, precision, batch, 1, args.memory_steps, 1, work, f"memory-{batch}")
             key = (lambda r: r.gpu_mb) if gpu else (lambda r: r.rss_mb)
             oc, vl = key(runs["open_clip"][0]), key(runs["vlp"][0])
             print(f"| {batch} | {oc:.0f} MB | {vl:.0f} MB | {vl / oc:.2f}x |")
