@@ -21,5 +21,10 @@ train siglip loss=siglip data.batch_size=256 trainer.max_steps=400 trainer.val_c
 for micro in null 64; do
   train tiny512-micro-$micro model=clip_tiny data.batch_size=512 micro_batch_size=$micro trainer.max_steps=30 data.val.urls=null
 done
-python3 scripts/benchmark.py --device gpu --model vlp-clip-tiny --precision bf16 --batch-size 256 --workers 8 \
-  --steps 80 --skip 20 --rounds 2 2>&1 | tee "$OUT/benchmark.txt"
+# the steady-state step never synchronises with the GPU (torch.cuda.set_sync_debug_mode("error"))
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_host_sync.py 2>&1 | tail -5 | tee "$OUT/host_sync.txt" || true
+# issue 10's GPU goals: ViT-B-32 224 px bf16 batch 256 against open_clip_train, memory by batch, MFU of ViT-B-16
+python3 scripts/benchmark.py --device gpu --models ViT-B-32 --precision bf16 --batch-size 256 --workers 8 \
+  --steps 60 --skip 20 --rounds 2 --memory-batches 128 512 --memory-steps 10 2>&1 | tee "$OUT/benchmark.txt"
+python3 scripts/benchmark.py --device gpu --models ViT-B-16 --precision bf16 --batch-size 256 --workers 8 \
+  --steps 40 --skip 15 --rounds 1 2>&1 | tee "$OUT/benchmark_b16.txt"

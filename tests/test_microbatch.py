@@ -13,7 +13,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from vlp.losses import ContrastiveLoss, SigmoidLoss
-from vlp.microbatch import feature_cached_backward
+from vlp.microbatch import check_micro_batchable, feature_cached_backward
 from vlp.models import VLPModel, VLPOutput, open_clip_towers
 
 B, D_IN, D = 8, 12, 6
@@ -124,3 +124,52 @@ def test_two_ranks_micro_batched_equal_one_process_full_batch(bias):
     for name, grad in reference.items():
         for r in results:  # DDP averaged the ranks' gradients
             torch.testing.assert_close(r["grads"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_batch_norm_towers_are_refused_unless_frozen():
+    with pytest.raises(ValueError, match="BatchNorm layers .* own statistics"):
+        check_micro_batchable(VLPModel(open_clip_towers("vlp-clip-rn-micro")))
+    frozen = VLPModel(open_clip_towers("vlp-clip-rn-micro"), lock_image=True, lock_image_freeze_bn_stats=True)
+    check_micro_batchable(frozen)  # frozen statistics: an affine map, exact in micro-batches
+    check_micro_batchable(VLPModel(open_clip_towers("vlp-clip-micro")))
+
+
+class Float32Towers(nn.Module):
+    """TwoTower in float32, so that float16 autocast runs its linear layers and the loss's matmuls."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image = nn.Sequential(nn.Linear(D_IN, 16), nn.Tanh(), nn.Linear(16, D))
+        self.text = nn.Embedding(50, D)
+        self.log_scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, images, tokens):
+        return VLPOutput(F.normalize(self.image(images), dim=-1), F.normalize(self.text(tokens).mean(1), dim=-1),
+                         self.log_scale.exp(), None)
+
+
+def test_float16_loss_scale_keeps_the_feature_gradients_from_underflowing():
+    images, tokens = batch(32)
+    images = images.float()
+    weight = 2.0**-22  # a loss this small has float16-underflowing gradients, as very large batches do
+
+    def tiny_loss(*args):
+        out = ContrastiveLoss()(*args)
+        return out._replace(loss=out.loss * weight)
+
+    reference = full_batch_grads(Float32Towers(), tiny_loss, images, tokens)  # float32 throughout
+    scale = 2.0**16  # what a GradScaler starts from
+
+    def micro_batched(loss_scale):
+        model = Float32Towers()
+        with torch.autocast("cpu", dtype=torch.float16):  # manual_backward scales as GradScaler does
+            feature_cached_backward(model, tiny_loss, images, tokens, 8, backward=lambda t: (t * scale).backward(),
+                                    loss_scale=loss_scale)
+        return {n: p.grad / scale for n, p in model.named_parameters()}
+
+    def error(grads):
+        return max(((grads[n] - g).norm() / g.norm()).item() for n, g in reference.items())
+
+    assert error(micro_batched(loss_scale=scale)) < 0.02
+    assert error(micro_batched(loss_scale=1.0)) > 0.5  # unscaled, the loss's float16 backward flushes them to 0

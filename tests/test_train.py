@@ -97,7 +97,7 @@ def test_resume_continues_from_the_saved_step(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("options", [["loss=clip"], ["loss=siglip"], ["model.lock_image=true"],
-                                     ["micro_batch_size=12", "loss=siglip"]],
+                                     ["micro_batch_size=12", "loss=siglip", "model=clip_micro"]],
                          ids=["clip", "siglip", "lit", "micro-batched"])
 def test_ddp_on_two_cpu_processes_counts_every_validation_sample_once(tmp_path, data_dir, options):
     metrics = vlp_train(tmp_path / "run", data_dir, "trainer=ddp", "trainer.devices=2", "trainer.max_steps=4",
@@ -128,6 +128,7 @@ def test_multirun_sweeps_into_one_run_directory_per_job(tmp_path, data_dir):
     ("data.train.urls=/no/such/folder/", "shard spec '/no/such/folder/' matches no file"),
     ("data.train.num_samples=10", "less than one global batch"),
     ("micro_batch_size=0", "micro_batch_size must be positive"),
+    ("micro_batch_size=4", "micro_batch_size cannot be used with BatchNorm layers"),  # the default ResNet tower
 ])
 def test_bad_input_is_reported_in_one_line_without_a_traceback(tmp_path, data_dir, override, message):
     proc = run_cli("debug=fast", f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}", override)

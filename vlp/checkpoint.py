@@ -61,6 +61,7 @@ def load_model(path: Union[str, Path]) -> VLPModel:
     """
     model_cfg = model_config(path)
     model_cfg["towers"]["pretrained"] = None  # the weights come from the file
+    model_cfg["compile"] = False  # a training switch; compile the returned model as you need
     with weights_loaded_later():
         model = instantiate(model_cfg)
     report = load_weights(model, path)

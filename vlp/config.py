@@ -42,6 +42,8 @@ class ModelConf:
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = True
+    compile: Any = False  # torch.compile the towers and the loss: true, or its options ({mode: max-autotune})
+    channels_last: bool = False  # channels-last image tower: faster convolutions (ResNet towers)
 
 
 @dataclass

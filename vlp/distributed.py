@@ -18,44 +18,65 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _gather_sizes(x: Tensor, world: int) -> list[int]:
-    """Returns every rank's number of rows (dim 0) of x, in rank order."""
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.empty_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    return [int(s) for s in sizes]
+# torch 2.14 renamed these (the old names warn); older releases have only the old names
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _gather_sizes(x: Tensor, world: int) -> Tensor:
+    """Returns every rank's number of rows (dim 0) of x, in rank order, as a (W,) tensor on x's device."""
+    n = torch.full((1,), x.shape[0], device=x.device)  # a fill, not a host-to-device copy
+    sizes = n.new_empty(world)
+    _all_gather_single(sizes, n)
+    return sizes
+
+
+def _check_equal_rows(x: Tensor, world: int, name: str) -> None:
+    """Fails unless every rank holds as many rows as this one, without waiting for the device.
+
+    A mismatch would otherwise hang or abort the collective that follows. On the CPU the
+    sizes are read at once (a ValueError naming them); on an accelerator the comparison is
+    a device-side assertion, so the step never waits for the device to hand the sizes over.
+    """
+    sizes = _gather_sizes(x, world)  # (W,)
+    if sizes.device.type == "cpu":
+        if (sizes != x.shape[0]).any():
+            raise ValueError(f"{name} needs equal batch sizes on all ranks, got {sizes.tolist()}")
+    else:
+        torch._assert_async((sizes == x.shape[0]).all(), f"{name} needs equal batch sizes on all ranks")
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
-    """All-gather whose backward sums the gradient over ranks and returns this rank's slice."""
+    """All-gather whose backward sums the gradient over ranks and scatters each rank its slice."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        rank, world = world_info()
-        ctx.rank, ctx.rows = rank, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)  # (W*B, ...)
+        _, world = world_info()
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))  # (W*B, ...)
+        _all_gather_single(out, x.contiguous())
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        # every rank's loss depends on every slice: d(sum_r L_r)/dx_k = sum_r dL_r/d(slice k)
-        grad = grad.clone(memory_format=torch.contiguous_format)  # (W*B, ...)
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]  # (B, ...)
+        # every rank's loss depends on every slice: d(sum_r L_r)/dx_k = sum_r dL_r/d(slice k);
+        # a reduce-scatter moves half the bytes of an all-reduce and slice (gloo emulates it that way)
+        _, world = world_info()
+        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))  # (B, ...)
+        _reduce_scatter_single(out, grad.contiguous())
+        return out
 
 
 def all_gather_with_grad(x: Tensor) -> Tensor:
     """Concatenates x from all ranks in rank order, differentiably.
 
-    The backward hands each rank the sum over ranks of the gradient for its own slice, so
-    gradients are those of the sum of all ranks' losses (DDP's averaging then makes it the
-    mean). The backward all-reduces and slices, which every backend supports (older gloo has
-    no reduce-scatter); the extra traffic is negligible for (W*B, D) features.
-    torch.distributed.nn.functional.all_gather would do the same but is deprecated.
+    The backward hands each rank the sum over ranks of the gradient for its own slice (a
+    reduce-scatter), so gradients are those of the sum of all ranks' losses (DDP's averaging
+    then makes it the mean). torch.distributed.nn.functional.all_gather would do the same
+    but is deprecated.
 
-    Costs one extra scalar all-gather (and a host sync) to check the batch sizes, because
-    a size mismatch would otherwise hang or abort the collective instead of raising.
+    Costs one extra scalar all-gather to check the batch sizes (see `_check_equal_rows`; it
+    never waits for the device), because a size mismatch would otherwise hang or abort the
+    collective instead of raising.
 
     Args:
         x: (B, ...) tensor; B must be the same on every rank.
@@ -64,14 +85,13 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
         (W*B, ...) tensor; x itself when not distributed.
 
     Raises:
-        ValueError: if ranks hold different numbers of rows.
+        ValueError: on the CPU, if ranks hold different numbers of rows (on an accelerator a
+            device-side assertion fails instead).
     """
     _, world = world_info()
     if world == 1:
         return x
-    sizes = _gather_sizes(x, world)
-    if len(set(sizes)) > 1:
-        raise ValueError(f"all_gather_with_grad needs equal batch sizes on all ranks, got {sizes}")
+    _check_equal_rows(x, world, "all_gather_with_grad")
     return _AllGatherWithGrad.apply(x)
 
 
@@ -91,7 +111,7 @@ def all_gather_no_grad(x: Tensor) -> Tensor:
     _, world = world_info()
     if world == 1:
         return x
-    sizes = _gather_sizes(x, world)
+    sizes = _gather_sizes(x, world).tolist()  # the host needs them to trim; evaluation can wait
     padded = x.new_zeros((max(sizes), *x.shape[1:]))  # (N_max, ...)
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in range(world)]
@@ -135,7 +155,7 @@ def ring_exchange_with_grad(x: Tensor) -> Iterator[Tensor]:
     those of the sum of all ranks' losses (DDP's averaging then makes it the mean), as for
     all_gather_with_grad. Every rank must consume the whole iterator, and call it the same
     number of times per step, or the exchanges deadlock. Like all_gather_with_grad, it costs
-    one scalar all-gather to check the batch sizes first.
+    one scalar all-gather to check the batch sizes first (never waiting for the device).
 
     Args:
         x: (B, ...) tensor; B must be the same on every rank.
@@ -146,16 +166,13 @@ def ring_exchange_with_grad(x: Tensor) -> Iterator[Tensor]:
         not distributed.
 
     Raises:
-        ValueError: if ranks hold different numbers of rows.
+        ValueError: on the CPU, if ranks hold different numbers of rows (on an accelerator a
+            device-side assertion fails instead).
     """
     rank, world = world_info()
     if world == 1:
         return
-    sizes = _gather_sizes(x, world)
-    if len(set(sizes)) > 1:
-        raise ValueError(
-            f"ring_exchange_with_grad needs equal batch sizes on all ranks, got {sizes}"
-        )
+    _check_equal_rows(x, world, "ring_exchange_with_grad")
     left, right = (rank - 1) % world, (rank + 1) % world
     to_right = to_left = x
     for _ in range((world - 1) // 2):  # round k, both ways at once; W >= 3 so left != right

@@ -16,9 +16,14 @@ from vlp.data.wds import Batch
 from vlp.distributed import all_gather_no_grad, world_info
 from vlp.eval import hard_negative_correct, rerank_hits, retrieval_metrics, zeroshot_classifier, zeroshot_metrics
 from vlp.fusion_losses import image_text_matching, itm_match_scores, masked_language_modelling
-from vlp.microbatch import feature_cached_backward
+from vlp.microbatch import check_micro_batchable, feature_cached_backward
 from vlp.models import VLPModel
 from vlp.optim import param_groups
+
+
+def _on_host(value: float) -> torch.Tensor:
+    """A host number as a CPU tensor: `self.log` would copy a Python number to the device."""
+    return torch.tensor(float(value))
 
 
 class VLPLitModule(pl.LightningModule):
@@ -53,15 +58,20 @@ class VLPLitModule(pl.LightningModule):
             for name in ("itm", "mlm"):  # an unused head would stall DDP's gradient reduction
                 model.heads[name].requires_grad_(self.objectives[name] > 0)
         self.model, self.loss = model, loss
+        if getattr(model, "compile_options", None) is not None:  # model.compile covers the loss too
+            self.loss.compile(**model.compile_options)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.config = config
         self.param_group_options = param_group_options or {}
         self.micro_batch_size = micro_batch_size
+        if micro_batch_size is not None:
+            check_micro_batchable(model)
         # micro-batching steps the optimiser itself: one step per batch, after the last micro-batch
         self.automatic_optimization = micro_batch_size is None
         self.skipped_samples = 0
         self.validated_at_step: Optional[int] = None
         self._last_step_end: Optional[float] = None
+        self._logged_loss: Optional[float] = None
         self._val_outputs: list[tuple[torch.Tensor, ...]] = []
         self._val_tokens: list[tuple[torch.Tensor, ...]] = []  # fusion models: for ITM re-ranking
         self._hard_negatives = torch.zeros(3)
@@ -73,6 +83,7 @@ class VLPLitModule(pl.LightningModule):
             dataset.set_position(self.current_epoch, self.global_step)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        logging_step = self._logging_step()  # before a micro-batched step advances global_step
         if self.automatic_optimization:
             out = self.model(batch.images, batch.tokens)
             loss = self.loss(out.image_features, out.text_features, *out.logit_args)
@@ -81,10 +92,15 @@ class VLPLitModule(pl.LightningModule):
             loss = self._micro_batched_step(batch)
             total = loss.loss
         self.skipped_samples += batch.skipped
-        self.log("train/loss", total, prog_bar=True)
+        # Nothing here waits for the device: device values are logged as device tensors, which the
+        # loggers read every `log_every_n_steps`, and host numbers as CPU tensors. The progress
+        # bar reads its values at every refresh, so it shows the loss as of the last logging step.
+        if logging_step or self._logged_loss is None:
+            self._logged_loss = total.item()
+        self.log("train/loss", _on_host(self._logged_loss), prog_bar=True)
         # this process's count; each rank reads its own share of the data
-        self.log_dict({"train/logit_scale": self.model.scale(),
-                       "train/skipped_samples": float(self.skipped_samples)})
+        self.log_dict({"train/logit_scale": self.model.scale().detach(),
+                       "train/skipped_samples": _on_host(self.skipped_samples)})
         if hasattr(loss, "accuracy"):
             self.log("train/i2t_acc", loss.accuracy)
         return total
@@ -111,11 +127,19 @@ class VLPLitModule(pl.LightningModule):
             self.log_dict({f"train/{name}_loss": term.loss, f"train/{name}_acc": term.accuracy})
         return total
 
+    def _logging_step(self) -> bool:
+        """Whether Lightning hands this step's values to the loggers (its own rule)."""
+        every = self.trainer.log_every_n_steps
+        return bool(self.trainer.fast_dev_run) or (every > 0 and (self.global_step + 1) % every == 0)
+
     def _micro_batched_step(self, batch: Batch):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         block_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)
+        # float16 mixed precision: manual_backward scales by the GradScaler's scale, the loss must too
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         loss = feature_cached_backward(self.model, self.loss, batch.images, batch.tokens, self.micro_batch_size,
-                                       backward=self.manual_backward, no_sync=block_sync)
+                                       backward=self.manual_backward, no_sync=block_sync,
+                                       loss_scale=scaler.get_scale() if scaler is not None else 1.0)
         optimizer.step()
         optimizer.zero_grad()
         if scheduler is not None:
@@ -126,11 +150,11 @@ class VLPLitModule(pl.LightningModule):
         # per device and including data loading, like open_clip's samples_per_second_per_gpu
         now = time.perf_counter()
         if self._last_step_end is not None:
-            self.log("train/samples_per_second", len(batch.images) / (now - self._last_step_end))
+            self.log("train/samples_per_second", _on_host(len(batch.images) / (now - self._last_step_end)))
         self._last_step_end = now
-        self.log("lr", max(g["lr"] for g in self.trainer.optimizers[0].param_groups))  # the base LR
-        if self.device.type == "cuda":
-            self.log("train/peak_gpu_memory_gb", torch.cuda.max_memory_allocated(self.device) / 2**30)
+        self.log("lr", _on_host(max(g["lr"] for g in self.trainer.optimizers[0].param_groups)))  # the base LR
+        if self.device.type == "cuda":  # the allocator's host-side counter
+            self.log("train/peak_gpu_memory_gb", _on_host(torch.cuda.max_memory_allocated(self.device) / 2**30))
 
     def configure_optimizers(self):
         kwargs = self.optimizer_factory.keywords

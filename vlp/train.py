@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from vlp.checkpoint import load_weights, weights_loaded_later
+from vlp.checkpoint_io import StreamingCheckpointIO
 from vlp.config import CONF_DIR, register_configs
 from vlp.lit import VLPLitModule
 from vlp.loggers import build_loggers
@@ -57,7 +58,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = build_loggers(cfg.logger, str(run_dir))
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **fusion_ddp_options(cfg))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[StreamingCheckpointIO()],
+                          **fusion_ddp_options(cfg))
     trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if datamodule.val_set is not None and lit.validated_at_step != trainer.global_step:
         trainer.validate(lit, datamodule=datamodule, verbose=False)

@@ -139,6 +139,25 @@ def test_eval_stream_reads_every_sample_exactly_once(tmp_path, monkeypatch, worl
     assert sorted(seen) == list(range(13))
 
 
+@pytest.mark.parametrize("world,workers", [(2, 0), (2, 2)])
+def test_eval_stream_splits_shards_over_readers_when_there_are_enough(tmp_path, monkeypatch, world, workers):
+    sizes = [3, 1, 4, 2, 5, 3, 2, 4]
+    paths = write_shards(tmp_path, sizes)
+    first = [sum(sizes[:i]) for i in range(len(sizes))]
+    shard_of = {n: s for s, (start, size) in enumerate(zip(first, sizes)) for n in range(start, start + size)}
+    seen = []
+    for rank in range(world):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        loader = DataLoader(EvalStream(paths, decoder(), TOKENIZER, batch_size=4), batch_size=None,
+                            num_workers=workers)
+        labels = labels_of(loader)
+        shards = {shard_of[n] for n in labels}
+        assert sorted(labels) == [n for s in sorted(shards) for n in range(first[s], first[s] + sizes[s])]  # whole shards
+        seen += labels
+    assert sorted(seen) == list(range(sum(sizes)))
+
+
 def test_bad_samples_are_skipped_and_counted(tmp_path):
     paths = write_shards(tmp_path, [6, 6], bad={1: "corrupt", 4: "no caption", 9: "corrupt"})
     truncated = tmp_path / "shard-000002.tar"

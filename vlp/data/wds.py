@@ -232,9 +232,11 @@ class TrainStream(IterableDataset):
 class EvalStream(IterableDataset):
     """Every sample of the shards exactly once across all ranks and workers.
 
-    Workers split the shards; within each shard, rank r keeps samples r, r+W, r+2W, ...
-    so ranks get near-equal shares even with fewer shards than ranks. Ranks may end
-    with different batch counts: gather results after the loop, not per step.
+    With at least as many shards as readers (ranks x workers), each reader reads only its
+    own shards. With fewer, workers split the shards and, within each shard, rank r keeps
+    samples r, r+W, r+2W, ... so ranks get near-equal shares (every rank reads every shard
+    of its worker). Ranks may end with different batch counts: gather results after the
+    loop, not per step.
     """
 
     def __init__(self, urls: list[str], decode: SampleDecoder, tokenizer: Callable, batch_size: int):
@@ -244,10 +246,14 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         rank, world, worker, workers = _worker_info()
         failures = _FailureCounter()
-        shards = (dict(url=u) for u in self.urls[worker::workers])
-        samples = wds.tarfile_to_samples(handler=failures)(shards)
-        yield from _batches(_every_nth(samples, rank, world), self.decode, self.tokenizer,
-                            self.batch_size, failures, True)
+        readers = world * workers
+        if len(self.urls) >= readers:
+            shards = (dict(url=u) for u in self.urls[rank * workers + worker::readers])
+            samples = wds.tarfile_to_samples(handler=failures)(shards)
+        else:
+            shards = (dict(url=u) for u in self.urls[worker::workers])
+            samples = _every_nth(wds.tarfile_to_samples(handler=failures)(shards), rank, world)
+        yield from _batches(samples, self.decode, self.tokenizer, self.batch_size, failures, True)
 
 
 def _every_nth(samples: Iterable[dict], offset: int, n: int) -> Iterator[dict]:

@@ -1,12 +1,13 @@
 """VLPModel: an image tower and a text tower with a learnable temperature, and an optional fusion."""
 import math
 from functools import partial
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vlp.models.compile import can_compile, compile_options
 from vlp.models.fusion import FusionOutput
 from vlp.models.heads import ITMHead, MLMHead
 from vlp.models.tokens import (add_mask_token, check_token_support, image_tokens, special_token_ids,
@@ -50,6 +51,11 @@ class VLPModel(nn.Module):
             layer groups; `lock_image_freeze_bn_stats` also freezes BatchNorm statistics.
         lock_text: freeze the text tower, except its last `lock_text_unlocked_layers` layers;
             `lock_text_freeze_layer_norm` keeps LayerNorms frozen too.
+        compile: torch.compile each tower in place (state_dict keys unchanged): True, or
+            torch.compile's keyword arguments; eager, with a warning, where it cannot compile.
+            `compile_options` keeps what was asked for, so a trainer can compile its loss alike.
+        channels_last: keep the image tower's weights and inputs channels-last, which
+            convolutions (ResNet towers, patch embeddings) run faster in.
     """
 
     def __init__(
@@ -66,6 +72,8 @@ class VLPModel(nn.Module):
         lock_text: bool = False,
         lock_text_unlocked_layers: int = 0,
         lock_text_freeze_layer_norm: bool = True,
+        compile: Union[bool, dict] = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.image_tower = towers.image
@@ -87,6 +95,15 @@ class VLPModel(nn.Module):
         if lock_text:
             self.text_tower.lock(unlocked_layers=lock_text_unlocked_layers,
                                  freeze_layer_norm=lock_text_freeze_layer_norm)
+        self.channels_last = channels_last
+        if channels_last:
+            self.image_tower.to(memory_format=torch.channels_last)
+        self.compile_options = compile_options(compile)
+        if self.compile_options is not None and not can_compile(self.compile_options):
+            self.compile_options = None
+        if self.compile_options is not None:
+            self.image_tower.compile(**self.compile_options)
+            self.text_tower.compile(**self.compile_options)
 
     def _build_fusion(self, fusion: partial) -> nn.Module:
         check_token_support(self.image_tower, self.text_tower)
@@ -123,6 +140,8 @@ class VLPModel(nn.Module):
         return image_pooled, text_pooled, image_seq, *text_sequence
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return F.normalize(self.image_tower(images), dim=-1)  # (B, D)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
