@@ -34,6 +34,7 @@ class ModelConf:
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = True
+    heads: Dict[str, Any] = field(default_factory=dict)  # task heads by name, each with a _target_
 
 
 @dataclass
@@ -135,6 +136,7 @@ class PathsConf:
 class TrainConf:
     model: ModelConf = field(default_factory=ModelConf)
     data: DataConf = field(default_factory=DataConf)
+    task: Dict[str, Any] = field(default_factory=dict)  # the LightningModule (conf/task/); tasks differ in arguments
     loss: Dict[str, Any] = field(default_factory=dict)  # losses differ in their arguments
     optim: OptimConf = field(default_factory=OptimConf)
     param_groups: ParamGroupsConf = field(default_factory=ParamGroupsConf)

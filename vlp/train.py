@@ -1,4 +1,4 @@
-"""`vlp-train`: contrastive pretraining from a Hydra config.
+"""`vlp-train`: contrastive pretraining, or a downstream task (`task=vqa|caption`), from a Hydra config.
 
     vlp-train                                   # small CLIP on the synthetic data, on CPU
     vlp-train model=clip_tiny trainer.max_steps=200
@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from vlp.config import register_configs
-from vlp.lit import VLPLitModule
 from vlp.loggers import build_loggers
 
 log = logging.getLogger(__name__)
@@ -39,7 +38,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(cfg.paths.run_dir)
     model = instantiate(cfg.model)
     datamodule = instantiate(cfg.data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
-    lit = VLPLitModule(
+    task = instantiate(cfg.task, _partial_=True)  # the task's LightningModule (conf/task/): pretrain, vqa, caption
+    lit = task(
         model,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optim),

@@ -30,6 +30,7 @@ class VLPModel(nn.Module):
         max_logit_scale: the multiplier is clamped here (CLIP: 100).
         init_logit_bias: initial learnable logit bias (SigLIP: -10); None for no bias (CLIP).
         fusion: cross-modal fusion module; None for a pure dual encoder.
+        heads: task heads by name (e.g. `caption`, `vqa`), kept under the `heads.` prefix.
         lock_image: freeze the image tower (LiT), except its last `lock_image_unlocked_groups`
             layer groups; `lock_image_freeze_bn_stats` also freezes BatchNorm statistics.
         lock_text: freeze the text tower, except its last `lock_text_unlocked_layers` layers;
@@ -49,11 +50,13 @@ class VLPModel(nn.Module):
         lock_text: bool = False,
         lock_text_unlocked_layers: int = 0,
         lock_text_freeze_layer_norm: bool = True,
+        heads: Optional[dict[str, nn.Module]] = None,
     ):
         super().__init__()
         self.image_tower = towers.image
         self.text_tower = towers.text
         self.fusion = fusion
+        self.heads = nn.ModuleDict(heads or {})
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
         self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.max_logit_scale = max_logit_scale
@@ -67,10 +70,10 @@ class VLPModel(nn.Module):
                                  freeze_layer_norm=lock_text_freeze_layer_norm)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_tower(images), dim=-1)  # (B, D)
+        return F.normalize(_pooled(self.image_tower(images)), dim=-1)  # (B, D)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_tower(tokens), dim=-1)  # (B, D)
+        return F.normalize(_pooled(self.text_tower(tokens)), dim=-1)  # (B, D)
 
     def scale(self) -> torch.Tensor:
         """The logit multiplier; clamped, so its gradient stops at the cap, as in open_clip."""
@@ -78,3 +81,8 @@ class VLPModel(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> VLPOutput:
         return VLPOutput(self.encode_image(images), self.encode_text(tokens), self.scale(), self.logit_bias)
+
+
+def _pooled(output):
+    """A tower's pooled features; towers built with `output_tokens` (CoCa's) return (pooled, tokens)."""
+    return output[0] if isinstance(output, tuple) else output

@@ -1,0 +1,70 @@
+"""Captioning with CoCa: open_clip's multimodal text decoder as the VLPModel head `heads.caption`.
+
+The towers of a CoCa architecture (`coca_ViT-B-32`, `vlp-coca-micro`) return token sequences beside
+their pooled features: the image tower's attentional pooler gives (pooled, image tokens), the text
+tower's appended [CLS] gives (pooled, text tokens). The decoder cross-attends from the causal text
+tokens to the image tokens and predicts the next token, as in open_clip's `CoCa.forward`.
+"""
+from typing import NamedTuple
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from open_clip.coca_model import _build_text_decoder_tower
+
+PAD_ID = 0  # open_clip's tokenizer pads with 0; CoCaLoss ignores it
+
+
+def coca_text_decoder(arch: str) -> nn.Module:
+    """open_clip's multimodal text decoder for a CoCa architecture, randomly initialised.
+
+    Args:
+        arch: an open_clip architecture with a `multimodal_cfg` (the `coca_*` family, `vlp-coca-micro`).
+
+    Raises:
+        ValueError: the architecture has no multimodal decoder.
+    """
+    cfg = open_clip.get_model_config(arch)
+    if not cfg or "multimodal_cfg" not in cfg:
+        raise ValueError(f"model.heads.caption needs a CoCa architecture (coca_*, vlp-coca-micro); "
+                         f"model.towers.arch={arch!r} has no multimodal_cfg")
+    # open_clip's own builder, so the decoder (and its state dict) is exactly CoCa's
+    return _build_text_decoder_tower(cfg["text_cfg"]["vocab_size"], cfg["multimodal_cfg"],
+                                     quick_gelu=cfg.get("quick_gelu", False))
+
+
+class CaptionOutput(NamedTuple):
+    image_features: torch.Tensor  # (B, D), L2-normalised, for the contrastive loss
+    text_features: torch.Tensor  # (B, D), L2-normalised
+    logits: torch.Tensor  # (B, L-1, V): next-token logits for tokens[:, :-1]
+    labels: torch.Tensor  # (B, L-1): tokens[:, 1:], PAD_ID where padded
+
+
+def encode_image_tokens(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled image features (B, D) normalised, image tokens (B, N, W)) from a CoCa image tower."""
+    output = model.image_tower(images)
+    if not isinstance(output, tuple):
+        raise ValueError("captioning needs an image tower that returns tokens (a CoCa architecture, e.g. "
+                         "model.towers.arch=vlp-coca-micro or coca_ViT-B-32)")
+    pooled, tokens = output
+    return F.normalize(pooled, dim=-1), tokens
+
+
+def next_token_logits(model: nn.Module, image_tokens: torch.Tensor, tokens: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text features (B, D) normalised, logits (B, L, V)) of the decoder reading `tokens` (B, L)."""
+    pooled, token_embs = model.text_tower(tokens)
+    return F.normalize(pooled, dim=-1), model.heads["caption"](image_tokens, token_embs)
+
+
+def caption_forward(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> CaptionOutput:
+    """Teacher-forced pass: contrastive features and next-token logits for each caption token."""
+    image_features, image_tokens = encode_image_tokens(model, images)
+    text_features, logits = next_token_logits(model, image_tokens, tokens)
+    return CaptionOutput(image_features, text_features, logits[:, :-1], tokens[:, 1:])
+
+
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = PAD_ID) -> torch.Tensor:
+    """Mean next-token cross-entropy over non-padding labels (open_clip's CoCaLoss caption term, unweighted)."""
+    return F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=pad_id)
