@@ -68,6 +68,16 @@ class DataConf:
 
 
 @dataclass
+class VQADataConf(DataConf):
+    """Data for `task=vqa`: one example per question of a sample's `{key}.json` `qa` list."""
+
+    _target_: str = "vlp.tasks.vqa_data.VQADataModule"
+    num_answers: int = 1000  # top-k answers of the training shards: the classifier's width
+    answers_file: Optional[str] = None  # a json answer list to use instead (e.g. a run's answers.json)
+    qa_key: str = "json"
+
+
+@dataclass
 class OptimConf:
     _target_: str = "torch.optim.AdamW"
     _partial_: bool = True
@@ -154,3 +164,4 @@ class TrainConf:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConf)
+    ConfigStore.instance().store(group="data", name="vqa_schema", node=VQADataConf)

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence,
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ MAX_CONSECUTIVE_FAILURES = 1000  # past this the data is unreadable, not noisy
 class Batch(NamedTuple):
     images: torch.Tensor  # (B, 3, H, W)
     tokens: torch.Tensor  # (B, L)
-    labels: torch.Tensor  # (B,) class index from `.cls`, -1 where absent
+    labels: torch.Tensor  # (B,) class index from `.cls`, -1 where absent; a task's decoder may give a dict of them
     skipped: int  # samples skipped since the previous batch of this worker
 
 
@@ -89,16 +89,20 @@ class SampleDecoder:
         self.label_key = label_key
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, str, int]:
-        image_key = next((k for k in self.image_keys if k in sample), None)
-        if image_key is None:
-            raise KeyError(f"no image ({';'.join(self.image_keys)}) in sample {sample.get('__key__')}")
         if self.caption_key not in sample:
             raise KeyError(f"no caption ({self.caption_key}) in sample {sample.get('__key__')}")
-        with Image.open(io.BytesIO(sample[image_key])) as image:
-            image = self.transform(image.convert("RGB"))
+        image = self.image(sample)
         caption = sample[self.caption_key].decode("utf-8")
         label = int(sample[self.label_key]) if self.label_key in sample else -1
         return image, caption, label
+
+    def image(self, sample: dict) -> torch.Tensor:
+        """The sample's transformed image (3, H, W)."""
+        image_key = next((k for k in self.image_keys if k in sample), None)
+        if image_key is None:
+            raise KeyError(f"no image ({';'.join(self.image_keys)}) in sample {sample.get('__key__')}")
+        with Image.open(io.BytesIO(sample[image_key])) as image:
+            return self.transform(image.convert("RGB"))
 
 
 class _FailureCounter:
@@ -124,24 +128,25 @@ def _batches(samples: Iterable[dict], decode: SampleDecoder, tokenizer: Callable
     images, captions, labels = [], [], []
     for sample in samples:
         try:
-            image, caption, label = decode(sample)
+            examples = decode(sample)  # one (image, text, label), or a list of them (one per question)
         except Exception as exn:  # a bad sample is skipped and counted, never fatal
             failures(exn)
             continue
         failures.consecutive = 0
-        images.append(image)
-        captions.append(caption)
-        labels.append(label)
-        if len(images) == batch_size:
-            yield _collate(images, captions, labels, tokenizer, failures)
-            images, captions, labels = [], [], []
+        for image, caption, label in examples if isinstance(examples, list) else [examples]:
+            images.append(image)
+            captions.append(caption)
+            labels.append(label)
+            if len(images) == batch_size:
+                yield _collate(images, captions, labels, tokenizer, failures)
+                images, captions, labels = [], [], []
     if partial and images:
         yield _collate(images, captions, labels, tokenizer, failures)
 
 
 def _collate(images, captions, labels, tokenizer, failures) -> Batch:
     skipped, failures.pending = failures.pending, 0
-    return Batch(torch.stack(images), tokenizer(captions), torch.tensor(labels), skipped)
+    return Batch(torch.stack(images), tokenizer(captions), default_collate(labels), skipped)
 
 
 def _worker_info() -> tuple[int, int, int, int]:
