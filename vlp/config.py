@@ -27,14 +27,26 @@ class ModelConf:
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
     init_logit_bias: Optional[float] = None  # set for the sigmoid loss
-    fusion: Any = None
+    fusion: Any = None  # a partial fusion module: the `fusion=` group (cross_attention, merged, co_attention)
+    heads: Dict[str, Any] = field(default_factory=dict)  # task heads; a fusion model adds itm and mlm itself
     lock_image: bool = False  # LiT: freeze the image tower ...
     lock_image_unlocked_groups: int = 0  # ... but its last N layer groups
     lock_image_freeze_bn_stats: bool = False
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = True
-    heads: Dict[str, Any] = field(default_factory=dict)  # task heads by name, each with a _target_
+
+
+@dataclass
+class ObjectivesConf:
+    """Loss weights (ITM and MLM act only with model.fusion) and their settings."""
+
+    itc: float = 1.0  # the contrastive loss (`loss` group)
+    itm: float = 1.0
+    mlm: float = 1.0
+    itm_across_ranks: bool = True  # ITM hard negatives from the global batch; false: this rank's only
+    mlm_probability: float = 0.15
+    rerank_k: int = 16  # validation re-scores the top-k retrieval candidates with ITM (0: off)
 
 
 @dataclass
@@ -148,6 +160,7 @@ class TrainConf:
     data: DataConf = field(default_factory=DataConf)
     task: Dict[str, Any] = field(default_factory=dict)  # the LightningModule (conf/task/); tasks differ in arguments
     loss: Dict[str, Any] = field(default_factory=dict)  # losses differ in their arguments
+    objectives: ObjectivesConf = field(default_factory=ObjectivesConf)
     optim: OptimConf = field(default_factory=OptimConf)
     param_groups: ParamGroupsConf = field(default_factory=ParamGroupsConf)
     scheduler: Optional[SchedulerConf] = field(default_factory=SchedulerConf)

@@ -1,4 +1,5 @@
-"""The LightningModule: contrastive pretraining of a VLPModel, with retrieval and zero-shot validation."""
+"""The LightningModule: pretraining of a VLPModel (contrastive, plus ITM and MLM through a fusion),
+validated with retrieval (ITM re-ranked with fusion), zero-shot and hard-negative accuracy."""
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -10,8 +11,9 @@ import torch.nn as nn
 
 from vlp.checkpoint import CONFIG_KEY
 from vlp.data.wds import Batch
-from vlp.distributed import all_gather_no_grad
-from vlp.eval import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
+from vlp.distributed import all_gather_no_grad, world_info
+from vlp.eval import hard_negative_correct, rerank_hits, retrieval_metrics, zeroshot_classifier, zeroshot_metrics
+from vlp.fusion_losses import image_text_matching, itm_match_scores, masked_language_modelling
 from vlp.microbatch import feature_cached_backward
 from vlp.models import VLPModel
 from vlp.optim import param_groups
@@ -30,12 +32,24 @@ class VLPLitModule(pl.LightningModule):
         param_group_options: per-tower LR scales and layer decay for `vlp.optim.param_groups`.
         micro_batch_size: encode the batch this many rows at a time with a feature cache
             (`vlp.microbatch`): the full-batch contrastive gradient at the memory of a micro-batch.
+        objectives: loss weights `itc`, `itm`, `mlm` (the last two only with fusion), and
+            `itm_across_ranks`, `mlm_probability`, `rerank_k` (0: no ITM re-ranking).
+        seed: seeds the ITM negative draws (the same on every rank).
     """
 
     def __init__(self, model: VLPModel, loss: nn.Module, optimizer: partial, scheduler: Optional[partial] = None,
                  config: Optional[dict] = None, param_group_options: Optional[dict] = None,
-                 micro_batch_size: Optional[int] = None):
+                 micro_batch_size: Optional[int] = None, objectives: Optional[dict] = None, seed: int = 0):
         super().__init__()
+        self.objectives = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "itm_across_ranks": True, "mlm_probability": 0.15,
+                           "rerank_k": 16} | dict(objectives or {})
+        self.seed = seed
+        if model.fusion is not None:
+            if micro_batch_size is not None:
+                raise ValueError("micro_batch_size does not combine with model.fusion: ITM and MLM need every "
+                                 "sample's token sequences at once, which is the memory micro-batching saves")
+            for name in ("itm", "mlm"):  # an unused head would stall DDP's gradient reduction
+                model.heads[name].requires_grad_(self.objectives[name] > 0)
         self.model, self.loss = model, loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.config = config
@@ -47,6 +61,8 @@ class VLPLitModule(pl.LightningModule):
         self.validated_at_step: Optional[int] = None
         self._last_step_end: Optional[float] = None
         self._val_outputs: list[tuple[torch.Tensor, ...]] = []
+        self._val_tokens: list[tuple[torch.Tensor, ...]] = []  # fusion models: for ITM re-ranking
+        self._hard_negatives = torch.zeros(3)
 
     # -- training ---------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -58,16 +74,36 @@ class VLPLitModule(pl.LightningModule):
         if self.automatic_optimization:
             out = self.model(batch.images, batch.tokens)
             loss = self.loss(out.image_features, out.text_features, *out.logit_args)
+            total = self._with_fusion_objectives(loss.loss, out, batch)
         else:
             loss = self._micro_batched_step(batch)
+            total = loss.loss
         self.skipped_samples += batch.skipped
-        self.log("train/loss", loss.loss, prog_bar=True)
+        self.log("train/loss", total, prog_bar=True)
         # this process's count; each rank reads its own share of the data
         self.log_dict({"train/logit_scale": self.model.scale(),
                        "train/skipped_samples": float(self.skipped_samples)})
         if hasattr(loss, "accuracy"):
             self.log("train/i2t_acc", loss.accuracy)
-        return loss.loss
+        return total
+
+    def _with_fusion_objectives(self, itc: torch.Tensor, out, batch: Batch) -> torch.Tensor:
+        """itc weighted, plus the weighted ITM and MLM losses of a fusion model, each logged."""
+        weights = self.objectives
+        if self.model.fusion is None:
+            return itc
+        total = weights["itc"] * itc
+        terms = {}
+        if weights["itm"] > 0:
+            terms["itm"] = image_text_matching(self.model, out, batch.tokens, self.seed * 1_000_003 + self.global_step,
+                                               weights["itm_across_ranks"])
+        if weights["mlm"] > 0:
+            terms["mlm"] = masked_language_modelling(self.model, out, batch.tokens, weights["mlm_probability"])
+        self.log("train/itc_loss", itc)
+        for name, term in terms.items():
+            total = total + weights[name] * term.loss
+            self.log_dict({f"train/{name}_loss": term.loss, f"train/{name}_acc": term.accuracy})
+        return total
 
     def _micro_batched_step(self, batch: Batch):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
@@ -103,18 +139,40 @@ class VLPLitModule(pl.LightningModule):
     # -- validation -------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val_outputs.clear()
+        self._val_tokens.clear()
+        self._hard_negatives = torch.zeros(3, device=self.device)  # correct (dual), correct (ITM), triples
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         # full precision: bf16 keeps ~3 significant digits, enough to flip near-tied predictions
         with torch.autocast(self.device.type, enabled=False):
             out = self.model(batch.images, batch.tokens)
+            if batch.negative_tokens is not None:
+                self._count_hard_negatives(out, batch)
         self._val_outputs.append((out.image_features.float(), out.text_features.float(), batch.labels))
+        if self.model.fusion is not None and self.objectives["rerank_k"] > 0:
+            self._val_tokens.append((out.image_tokens, out.text_tokens, out.text_padding.to(torch.uint8)))
+
+    def _count_hard_negatives(self, out, batch: Batch) -> None:
+        """Counts (image, caption, negative) triples whose true caption scores higher."""
+        owner = batch.negative_index
+        negatives = self.model.encode_text(batch.negative_tokens)
+        true_cos = (out.image_features[owner] * out.text_features[owner]).sum(dim=1)
+        counts = [hard_negative_correct(true_cos, (out.image_features[owner] * negatives).sum(dim=1)).sum()]
+        if self.model.fusion is not None:
+            tokens, padding = self.model.encode_text_tokens(batch.negative_tokens)
+            image_tokens = out.image_tokens[owner]
+            true_itm = itm_match_scores(self.model, image_tokens, out.text_tokens[owner], out.text_padding[owner])
+            counts.append(hard_negative_correct(true_itm, itm_match_scores(self.model, image_tokens, tokens, padding)).sum())
+        else:
+            counts.append(torch.zeros((), device=self.device))
+        self._hard_negatives += torch.stack([*counts, torch.tensor(float(len(owner)), device=self.device)])
 
     def on_validation_epoch_end(self) -> None:
         # ranks may hold different numbers of samples: gather once, after the loop
         image, text, labels = (all_gather_no_grad(torch.cat(parts)) for parts in self._gathered_parts())
         self._val_outputs.clear()
         metrics = retrieval_metrics(image, text)
+        metrics |= self._fusion_metrics(image, text)
         prompts = getattr(self.trainer.datamodule, "zeroshot_prompts", lambda: None)()
         labelled = labels >= 0
         if prompts is not None and labelled.any():
@@ -124,6 +182,38 @@ class VLPLitModule(pl.LightningModule):
         metrics["num_samples"] = len(image)
         self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, sync_dist=True)
         self.validated_at_step = self.global_step
+
+    def _fusion_metrics(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
+        """Hard-negative accuracies and, with fusion, ITM re-ranked recall@1."""
+        correct_dual, correct_itm, triples = all_gather_no_grad(self._hard_negatives[None]).sum(dim=0).tolist()
+        metrics = {}
+        if triples:
+            metrics["hard_negative_acc"] = correct_dual / triples
+            if self.model.fusion is not None:
+                metrics["itm_hard_negative_acc"] = correct_itm / triples
+        if self._val_tokens:
+            metrics |= self._itm_rerank_recall(image, text)
+        return metrics
+
+    def _itm_rerank_recall(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
+        """ALBEF's retrieval: top-k by contrastive similarity, re-scored by ITM; ranks split the queries."""
+        image_tokens, text_tokens, padding = (all_gather_no_grad(torch.cat(p)) for p in zip(*self._val_tokens))
+        self._val_tokens.clear()
+        padding = padding.bool()
+        rank, world = world_info()
+        queries = torch.arange(rank, len(image), world, device=self.device)
+        k, chunk = self.objectives["rerank_k"], 256
+
+        def itm(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+            return torch.cat([itm_match_scores(self.model, image_tokens[i], text_tokens[t], padding[t])
+                              for i, t in zip(images.split(chunk), texts.split(chunk))])
+
+        with torch.autocast(self.device.type, enabled=False):
+            similarity = image @ text.T  # (N, N)
+            i2t = rerank_hits(similarity, queries, itm, k)
+            t2i = rerank_hits(similarity.T, queries, lambda q, c: itm(c, q), k)
+        hits = all_gather_no_grad(torch.stack([i2t.sum(), t2i.sum()]).float()[None]).sum(dim=0)
+        return {"itm_i2t_r@1": hits[0].item() / len(image), "itm_t2i_r@1": hits[1].item() / len(image)}
 
     def _gathered_parts(self):
         if not self._val_outputs:  # this rank got no sample; still join the gather

@@ -47,6 +47,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         config=OmegaConf.to_container(cfg, resolve=True),
         param_group_options=OmegaConf.to_container(cfg.param_groups),
         micro_batch_size=cfg.micro_batch_size,
+        objectives=OmegaConf.to_container(cfg.objectives),
+        seed=cfg.seed,
     )
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = build_loggers(cfg.logger, str(run_dir))

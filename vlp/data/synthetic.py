@@ -2,8 +2,11 @@
 
 Each image shows one or two coloured shapes on a plain neutral background, with a varied
 caption naming every object's colour and shape. The "train" split never shows the (colour,
-shape) pairs in HELDOUT; the "val" split shows only those, one object per image, so zero-shot
-accuracy on it measures compositional generalisation. Every sample is a pure function of
+shape) pairs in HELDOUT. In the "val" split, even indices show one HELDOUT object, so zero-shot
+accuracy on them measures compositional generalisation; odd indices show two objects in a clear
+spatial relation, captioned "a red circle to the left of a blue square." and carrying hard
+negative captions in their json (`negatives`: colours swapped, relation reversed, objects
+swapped) that a bag of words cannot tell from the truth. Every sample is a pure function of
 (seed, split, index), so shard size and sample count never change a sample's content.
 """
 
@@ -127,6 +130,37 @@ def _relation(a, b):
     return None
 
 
+_OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of",
+             "above": "below", "below": "above"}
+
+
+def _article(words):
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+
+
+def _relation_caption(a, b, relation):
+    return f"{_article(a['colour'] + ' ' + a['shape'])} {relation} {_article(b['colour'] + ' ' + b['shape'])}."
+
+
+def _hard_negatives(a, b, relation):
+    """Captions with the words of the true one that are false for the image (ARO/SugarCrepe-style)."""
+    swapped_colours = dict(a, colour=b["colour"]), dict(b, colour=a["colour"])
+    return [_relation_caption(*swapped_colours, relation),  # colours swapped
+            _relation_caption(a, b, _OPPOSITE[relation]),  # relation reversed
+            _relation_caption(b, a, relation)]  # objects swapped
+
+
+def _two_object_val(rng):
+    """Two objects of different colours and shapes in a clear relation, for hard negatives."""
+    while True:
+        first, second = rng.choice(_TRAIN_IDS, size=2, replace=False)
+        colours, shapes = zip(*(CLASSNAMES[i].split() for i in (first, second)))
+        if len(set(colours)) == 2 and len(set(shapes)) == 2:
+            objects = _sample_objects(rng, [first, second])
+            if _relation(*objects):
+                return objects
+
+
 def _caption(rng, objects, background):
     """Natural-language caption naming every object's colour and shape."""
     suffix = f" on a {rng.choice([background, 'plain'])} background" if rng.random() < 0.25 else ""
@@ -151,31 +185,39 @@ def render_sample(seed, split, index, image_size=64):
 
     Args:
         seed: Non-negative dataset seed.
-        split: "train" (1-2 objects, never a HELDOUT pair) or "val" (one HELDOUT object).
+        split: "train" (1-2 objects, never a HELDOUT pair) or "val" (even index: one HELDOUT
+            object; odd index: two seen objects with hard negative captions).
         index: Non-negative sample index within the split.
         image_size: Output width and height in pixels.
 
     Returns:
         (image, caption, meta): an RGB PIL image, the caption, and metadata
-        {"objects": [{"colour", "shape", "size", "position", "class"}, ...], "background"}.
+        {"objects": [{"colour", "shape", "size", "position", "class"}, ...], "background"}
+        and, for two-object val samples, "negatives": [caption, ...].
 
     Raises:
         ValueError: On an unknown split.
     """
     _check_split(split)
     rng = np.random.default_rng([seed, SPLITS[split], index])
-    if split == "val":
-        class_ids = [_HELDOUT_IDS[index % len(_HELDOUT_IDS)]]  # balanced classes
+    negatives = None
+    if split == "train":
+        objects = _sample_objects(rng, rng.choice(_TRAIN_IDS, size=1 + int(rng.random() < 0.5), replace=False))
+    elif index % 2 == 0:
+        objects = _sample_objects(rng, [_HELDOUT_IDS[index // 2 % len(_HELDOUT_IDS)]])  # balanced classes
     else:
-        class_ids = rng.choice(_TRAIN_IDS, size=1 + int(rng.random() < 0.5), replace=False)
-    objects = _sample_objects(rng, class_ids)
+        objects = _two_object_val(rng)
+        negatives = _hard_negatives(*objects, _relation(*objects))
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     grey = BACKGROUNDS[background] + int(rng.integers(-8, 9))
     image = _render(objects, (grey,) * 3, image_size)
-    caption = _caption(rng, objects, background)
+    caption = _caption(rng, objects, background) if negatives is None else _relation_caption(
+        *objects, _relation(*objects))
     public = ("colour", "shape", "size", "position", "class")
     meta = {"objects": [{k: o[k] for k in public} for o in objects], "background": background}
     meta["qa"] = questions(objects, _relation)  # VQA: vlp.tasks.vqa_data reads it
+    if negatives:
+        meta["negatives"] = negatives
     return image, caption, meta
 
 

@@ -68,7 +68,7 @@ def build_answer_vocabulary(urls: Iterable[str], top_k: int, qa_key: str = "json
 class QuestionDecoder:
     """Raw webdataset sample -> one (image, question, target) example per question.
 
-    The target is {"scores": (num_answers,) VQA accuracy of each answer, "answer_type": str}.
+    The label is {"scores": (num_answers,) VQA accuracy of each answer, "answer_type": str}.
 
     Args:
         images: decodes and transforms the sample's image (its `image` method).
@@ -83,8 +83,9 @@ class QuestionDecoder:
         self.index = {a: i for i, a in enumerate(answers)}
         self.num_answers = num_answers or len(answers)
 
-    def __call__(self, sample: dict) -> list[tuple[torch.Tensor, str, dict]]:
+    def __call__(self, sample: dict) -> list[tuple[torch.Tensor, str, dict, list]]:
         qa = read_qa(sample, self.qa_key)
         image = self.images.image(sample)
+        # (image, text, label, hard negative captions) like SampleDecoder's examples; questions have no negatives
         return [(image, q["question"], {"scores": answer_scores(q["answers"], self.index, self.num_answers),
-                                        "answer_type": q.get("answer_type", "")}) for q in qa]
+                                        "answer_type": q.get("answer_type", "")}, []) for q in qa]

@@ -1,7 +1,7 @@
 """webdataset shards -> decoded samples -> batches.
 
 Shards hold `{key}.jpg|png|webp` + `{key}.txt` (+ `{key}.cls` for labelled evaluation
-data). Two streams are built on webdataset's tar reading and shuffling:
+data, + `{key}.json` whose `negatives` lists hard negative captions for evaluation). Two streams are built on webdataset's tar reading and shuffling:
 
 - `TrainStream`: an endless shard stream (resampled with replacement, or each rank and
   worker cycling over its own disjoint subset), cut into exactly `num_batches` batches
@@ -36,6 +36,8 @@ class Batch(NamedTuple):
     tokens: torch.Tensor  # (B, L)
     labels: torch.Tensor  # (B,) class index from `.cls`, -1 where absent; a task's decoder may give a dict of them
     skipped: int  # samples skipped since the previous batch of this worker
+    negative_tokens: Optional[torch.Tensor] = None  # (M, L) hard negative captions of the batch's samples
+    negative_index: Optional[torch.Tensor] = None  # (M,) the sample each negative belongs to
 
 
 def expand_urls(urls: Union[str, Sequence[str]]) -> list[str]:
@@ -73,28 +75,33 @@ def _expand_local(spec: str) -> list[str]:
 
 
 class SampleDecoder:
-    """Raw webdataset sample -> (image tensor, caption, label).
+    """Raw webdataset sample -> (image tensor, caption, label, hard negative captions).
 
     Args:
         transform: PIL image -> (3, H, W) tensor (open_clip's image transform).
         image_key: `;`-separated extensions tried in order.
         caption_key: extension holding the caption.
         label_key: extension holding an integer class index (optional in the data).
+        meta_key: extension of a JSON object whose `negatives` (optional) lists captions that are
+            false for the image (hard-negative evaluation).
     """
 
-    def __init__(self, transform: Callable, image_key=IMAGE_KEYS, caption_key="txt", label_key="cls"):
+    def __init__(self, transform: Callable, image_key=IMAGE_KEYS, caption_key="txt", label_key="cls",
+                 meta_key="json"):
         self.transform = transform
         self.image_keys = image_key.split(";")
         self.caption_key = caption_key
         self.label_key = label_key
+        self.meta_key = meta_key
 
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, str, int]:
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, str, int, list[str]]:
         if self.caption_key not in sample:
             raise KeyError(f"no caption ({self.caption_key}) in sample {sample.get('__key__')}")
         image = self.image(sample)
         caption = sample[self.caption_key].decode("utf-8")
         label = int(sample[self.label_key]) if self.label_key in sample else -1
-        return image, caption, label
+        negatives = json.loads(sample[self.meta_key]).get("negatives", []) if self.meta_key in sample else []
+        return image, caption, label, negatives
 
     def image(self, sample: dict) -> torch.Tensor:
         """The sample's transformed image (3, H, W)."""
@@ -125,28 +132,32 @@ class _FailureCounter:
 def _batches(samples: Iterable[dict], decode: SampleDecoder, tokenizer: Callable, batch_size: int,
              failures: _FailureCounter, partial: bool) -> Iterator[Batch]:
     """Decodes samples (skipping and counting failures) and collates them into batches."""
-    images, captions, labels = [], [], []
+    decoded = []
     for sample in samples:
         try:
-            examples = decode(sample)  # one (image, text, label), or a list of them (one per question)
+            examples = decode(sample)  # one example, or a list of them (e.g. one per question)
         except Exception as exn:  # a bad sample is skipped and counted, never fatal
             failures(exn)
             continue
         failures.consecutive = 0
-        for image, caption, label in examples if isinstance(examples, list) else [examples]:
-            images.append(image)
-            captions.append(caption)
-            labels.append(label)
-            if len(images) == batch_size:
-                yield _collate(images, captions, labels, tokenizer, failures)
-                images, captions, labels = [], [], []
-    if partial and images:
-        yield _collate(images, captions, labels, tokenizer, failures)
+        for example in examples if isinstance(examples, list) else [examples]:
+            decoded.append(example)
+            if len(decoded) == batch_size:
+                yield _collate(decoded, tokenizer, failures)
+                decoded = []
+    if partial and decoded:
+        yield _collate(decoded, tokenizer, failures)
 
 
-def _collate(images, captions, labels, tokenizer, failures) -> Batch:
+def _collate(decoded, tokenizer, failures) -> Batch:
     skipped, failures.pending = failures.pending, 0
-    return Batch(torch.stack(images), tokenizer(captions), default_collate(labels), skipped)
+    images, captions, labels, negatives = zip(*decoded)
+    batch = Batch(torch.stack(images), tokenizer(list(captions)), default_collate(list(labels)), skipped)
+    owners = [i for i, captions in enumerate(negatives) for _ in captions]
+    if not owners:
+        return batch
+    negative_captions = [caption for captions in negatives for caption in captions]
+    return batch._replace(negative_tokens=tokenizer(negative_captions), negative_index=torch.tensor(owners))
 
 
 def _worker_info() -> tuple[int, int, int, int]:

@@ -1,11 +1,16 @@
-"""VLPModel: an image tower and a text tower with a learnable temperature."""
+"""VLPModel: an image tower and a text tower with a learnable temperature, and an optional fusion."""
 import math
+from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vlp.models.fusion import FusionOutput
+from vlp.models.heads import ITMHead, MLMHead
+from vlp.models.tokens import (add_mask_token, check_token_support, image_tokens, special_token_ids,
+                               text_tokens, token_embedding)
 from vlp.models.towers import Towers
 
 
@@ -14,6 +19,10 @@ class VLPOutput(NamedTuple):
     text_features: torch.Tensor  # (B, D), L2-normalised
     logit_scale: torch.Tensor  # scalar multiplier, exp of the learnable log-scale, clamped
     logit_bias: Optional[torch.Tensor]  # scalar added to the logits (sigmoid loss); None without
+    # the towers' token sequences, only for a model with fusion
+    image_tokens: Optional[torch.Tensor] = None  # (B, N, W_img)
+    text_tokens: Optional[torch.Tensor] = None  # (B, L, W_txt)
+    text_padding: Optional[torch.Tensor] = None  # (B, L), True at padding
 
     @property
     def logit_args(self) -> tuple[torch.Tensor, ...]:
@@ -22,15 +31,20 @@ class VLPOutput(NamedTuple):
 
 
 class VLPModel(nn.Module):
-    """Dual encoder. State-dict prefixes are stable: `image_tower.`, `text_tower.`, `logit_scale`, `logit_bias`.
+    """Dual encoder with an optional fusion transformer.
+
+    State-dict prefixes are stable: `image_tower.`, `text_tower.`, `fusion.`, `heads.`, `logit_scale`,
+    `logit_bias`. A model with fusion always has the pretraining heads `heads.itm` and `heads.mlm`,
+    and its text tower gets a [MASK] token (`mask_token_id`) if its vocabulary has none.
 
     Args:
         towers: the two encoders with their preprocessing and tokenizer.
         init_logit_scale: initial temperature multiplier (CLIP: 1/0.07; SigLIP: 10).
         max_logit_scale: the multiplier is clamped here (CLIP: 100).
         init_logit_bias: initial learnable logit bias (SigLIP: -10); None for no bias (CLIP).
-        fusion: cross-modal fusion module; None for a pure dual encoder.
-        heads: task heads by name (e.g. `caption`, `vqa`), kept under the `heads.` prefix.
+        fusion: partial fusion module (`vlp.models.fusion`), completed here with the towers' token
+            widths and image token count; None for a pure dual encoder.
+        heads: further heads (task heads), by name, kept under `heads.`.
         lock_image: freeze the image tower (LiT), except its last `lock_image_unlocked_groups`
             layer groups; `lock_image_freeze_bn_stats` also freezes BatchNorm statistics.
         lock_text: freeze the text tower, except its last `lock_text_unlocked_layers` layers;
@@ -43,31 +57,65 @@ class VLPModel(nn.Module):
         init_logit_scale: float = 1 / 0.07,
         max_logit_scale: float = 100.0,
         init_logit_bias: Optional[float] = None,
-        fusion: Optional[nn.Module] = None,
+        fusion: Optional[partial] = None,
+        heads: Optional[dict[str, nn.Module]] = None,
         lock_image: bool = False,
         lock_image_unlocked_groups: int = 0,
         lock_image_freeze_bn_stats: bool = False,
         lock_text: bool = False,
         lock_text_unlocked_layers: int = 0,
         lock_text_freeze_layer_norm: bool = True,
-        heads: Optional[dict[str, nn.Module]] = None,
     ):
         super().__init__()
         self.image_tower = towers.image
         self.text_tower = towers.text
-        self.fusion = fusion
-        self.heads = nn.ModuleDict(heads or {})
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
         self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.max_logit_scale = max_logit_scale
         self.preprocess = towers.preprocess
         self.tokenizer = towers.tokenizer
+        self.fusion = None if fusion is None else self._build_fusion(fusion)
+        self.heads = nn.ModuleDict(self._pretraining_heads() | dict(heads or {}))
         if lock_image:  # open_clip's towers know their own layer groups
             self.image_tower.lock(unlocked_groups=lock_image_unlocked_groups,
                                   freeze_bn_stats=lock_image_freeze_bn_stats)
         if lock_text:
             self.text_tower.lock(unlocked_layers=lock_text_unlocked_layers,
                                  freeze_layer_norm=lock_text_freeze_layer_norm)
+
+    def _build_fusion(self, fusion: partial) -> nn.Module:
+        check_token_support(self.image_tower, self.text_tower)
+        # added before locking, so a locked text tower keeps its [MASK] row frozen too
+        self.text_vocab_size = token_embedding(self.text_tower).num_embeddings  # without an added [MASK]
+        self.mask_token_id = add_mask_token(self.text_tower, self.tokenizer)
+        self.special_token_ids = special_token_ids(self.text_tower, self.tokenizer)
+        image, text, _ = self._example_tokens()
+        return fusion(image_width=image.shape[2], text_width=text.shape[2], num_image_tokens=image.shape[1])
+
+    @torch.no_grad()
+    def _example_tokens(self) -> tuple[torch.Tensor, ...]:
+        """Token sequences of one blank image and one word, to size the fusion's inputs."""
+        size = self.preprocess["size"]
+        images = torch.zeros(1, 3, *((size, size) if isinstance(size, int) else size))
+        modes = self.image_tower.training, self.text_tower.training
+        self.image_tower.eval(), self.text_tower.eval()  # BatchNorm must not learn from the blank image
+        try:
+            return self._tokens(images, self.tokenizer(["a"]))[-3:]
+        finally:
+            self.image_tower.train(modes[0]), self.text_tower.train(modes[1])
+
+    def _pretraining_heads(self) -> dict[str, nn.Module]:
+        if self.fusion is None:
+            return {}
+        embedding = token_embedding(self.text_tower)
+        return {"itm": ITMHead(self.fusion.width),
+                "mlm": MLMHead(self.fusion.width, embedding.embedding_dim, embedding.num_embeddings)}
+
+    def _tokens(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Pooled features and token sequences of both towers, one pass each."""
+        image_pooled, image_seq = image_tokens(self.image_tower, images)
+        text_pooled, text_seq, padding = text_tokens(self.text_tower, tokens)
+        return image_pooled, text_pooled, image_seq, text_seq, padding
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(_pooled(self.image_tower(images)), dim=-1)  # (B, D)
@@ -80,7 +128,24 @@ class VLPModel(nn.Module):
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> VLPOutput:
-        return VLPOutput(self.encode_image(images), self.encode_text(tokens), self.scale(), self.logit_bias)
+        if self.fusion is None:
+            return VLPOutput(self.encode_image(images), self.encode_text(tokens), self.scale(), self.logit_bias)
+        image_pooled, text_pooled, *sequences = self._tokens(images, tokens)
+        return VLPOutput(F.normalize(image_pooled, dim=-1), F.normalize(text_pooled, dim=-1), self.scale(),
+                         self.logit_bias, *sequences)
+
+    def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text tower's token sequence (B, L, W_txt) and padding mask (B, L) of `tokens`."""
+        return text_tokens(self.text_tower, tokens)[1:]
+
+    def fuse(self, images: torch.Tensor, tokens: torch.Tensor) -> FusionOutput:
+        """Fuses images (B, 3, H, W) with token ids (B, L): both towers, then the fusion."""
+        out = self(images, tokens)
+        return self.fusion(out.image_tokens, out.text_tokens, out.text_padding)
+
+    def mlm_logits(self, fused_text: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (M, V) of fused text tokens (M, W), tied to the token embedding."""
+        return self.heads["mlm"](fused_text, token_embedding(self.text_tower).weight)
 
 
 def _pooled(output):

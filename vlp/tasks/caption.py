@@ -3,9 +3,9 @@ import logging
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from vlp.data.wds import Batch
+from vlp.distributed import all_gather_objects
 from vlp.eval.captioning import attribute_accuracy, caption_metrics
 from vlp.lit import VLPLitModule
 from vlp.models.caption import caption_forward, caption_loss
@@ -24,23 +24,21 @@ class CaptionLitModule(VLPLitModule):
     and `val/caption_attr_acc` on labelled images (see `vlp.eval.captioning.attribute_accuracy`).
 
     Args:
-        model, loss, optimizer, scheduler, config, param_group_options: as for `VLPLitModule`;
-            `loss` is the contrastive loss.
-        micro_batch_size: not supported here (must be None).
+        model, loss, optimizer: as for `VLPLitModule`; `loss` is the contrastive loss.
         caption_loss_weight: weight of the captioning loss (open_clip's default: 2).
         contrastive_loss_weight: weight of the contrastive loss (open_clip's default: 1).
         generation: keyword arguments of `vlp.models.generate.generate` for validation captions.
+        **common: the other `VLPLitModule` arguments (scheduler, config, ...; micro_batch_size must be unset).
     """
 
-    def __init__(self, model, loss, optimizer, scheduler=None, config=None, param_group_options=None,
-                 micro_batch_size: Optional[int] = None, *, caption_loss_weight: float = 2.0,
-                 contrastive_loss_weight: float = 1.0, generation: Optional[dict] = None):
-        if micro_batch_size:
+    def __init__(self, model, loss, optimizer, *, caption_loss_weight: float = 2.0,
+                 contrastive_loss_weight: float = 1.0, generation: Optional[dict] = None, **common):
+        if common.get("micro_batch_size"):
             raise ValueError("micro_batch_size works with task=pretrain only; set micro_batch_size=null")
         if "caption" not in model.heads:
             raise ValueError("task=caption needs a caption decoder in model.heads.caption "
                              "(conf/task/caption.yaml adds CoCa's: vlp.models.caption.coca_text_decoder)")
-        super().__init__(model, loss, optimizer, scheduler, config, param_group_options)
+        super().__init__(model, loss, optimizer, **common)
         self.caption_loss_weight, self.contrastive_loss_weight = caption_loss_weight, contrastive_loss_weight
         self.generation = dict(generation or {"method": "greedy"})
         self._generated: list[tuple[str, str, int]] = []  # (caption, reference, label)
@@ -70,7 +68,7 @@ class CaptionLitModule(VLPLitModule):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        generated = _all_gather_objects(self._generated)
+        generated = all_gather_objects(self._generated)
         captions, references, labels = zip(*generated) if generated else ((), (), ())
         metrics = caption_metrics(captions, [[r] for r in references])
         prompts = getattr(self.trainer.datamodule, "zeroshot_prompts", lambda: None)()
@@ -83,11 +81,3 @@ class CaptionLitModule(VLPLitModule):
             log.info("val captions: %s", "; ".join(f"{c!r} (ref {r!r})" for c, r, _ in generated[:3]))
         self._generated.clear()
 
-
-def _all_gather_objects(items: list) -> list:
-    """Every rank's items concatenated in rank order (the items themselves without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return list(items)
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, list(items))
-    return [item for part in parts for item in part]

@@ -1,0 +1,138 @@
+"""Cross-modal fusion transformers over image tokens and text tokens.
+
+Three classic designs, built from torch.nn's transformer layers (scaled-dot-product attention):
+
+- `CrossAttentionFusion` (ALBEF, BLIP): text tokens self-attend, then cross-attend to image tokens.
+- `MergedFusion` (VisualBERT, UNITER, ViLT): one stream, self-attention over [text; image].
+- `CoAttentionFusion` (LXMERT): two streams; each cross-attends to the other, then self-attends.
+
+Each is built by `VLPModel` from a partial (Hydra `_partial_: true`) that it completes with the
+towers' token widths and the number of image tokens. Every design returns fused text tokens,
+fused image tokens where it has them, and the fused [CLS]: the fused first text token (CLIP's
+start-of-text, BERT's [CLS]), as in all three papers.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+class FusionOutput(NamedTuple):
+    text: Tensor  # (B, L, W) fused text tokens
+    image: Optional[Tensor]  # (B, N, W) fused image tokens; None where the design keeps none
+    cls: Tensor  # (B, W) the fused [CLS]
+
+
+class _Inputs(nn.Module):
+    """Per-modality projections to the fusion width; learned positions for the image tokens.
+
+    Text tokens carry the text tower's positions already; image tokens from a ResNet feature
+    map carry none, so every design adds its own.
+    """
+
+    def __init__(self, image_width: int, text_width: int, width: int, num_image_tokens: int):
+        super().__init__()
+        self.image_proj = nn.Linear(image_width, width)
+        self.text_proj = nn.Linear(text_width, width)
+        self.image_pos = nn.Parameter(torch.randn(num_image_tokens, width) * 0.02)
+
+    def forward(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        if image.shape[1] != len(self.image_pos):
+            raise ValueError(f"the fusion was built for {len(self.image_pos)} image tokens, got "
+                             f"{image.shape[1]} (a different image size than the model's?)")
+        return self.image_proj(image) + self.image_pos, self.text_proj(text)
+
+
+class _Fusion(nn.Module):
+    """What the three designs share: sizes, input projections and the final norms."""
+
+    def __init__(self, image_width: int, text_width: int, num_image_tokens: int, width: int, heads: int,
+                 dropout: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"model.fusion.width={width} is not divisible by model.fusion.heads={heads}")
+        self.width, self.heads, self.dropout = width, heads, dropout
+        self.inputs = _Inputs(image_width, text_width, width, num_image_tokens)
+        self.text_norm = nn.LayerNorm(width)
+
+    def _layer(self, layer_type: type) -> nn.Module:
+        """A pre-norm torch.nn transformer layer of this fusion's size."""
+        return layer_type(self.width, self.heads, 4 * self.width, self.dropout, activation="gelu",
+                          batch_first=True, norm_first=True)
+
+    def _output(self, text: Tensor, image: Optional[Tensor]) -> FusionOutput:
+        text = self.text_norm(text)
+        return FusionOutput(text, image, text[:, 0])
+
+
+class CrossAttentionFusion(_Fusion):
+    """ALBEF/BLIP: per layer, text self-attention, cross-attention to the image, MLP."""
+
+    def __init__(self, image_width: int, text_width: int, num_image_tokens: int, width: int = 256,
+                 heads: int = 4, layers: int = 2, dropout: float = 0.0):
+        super().__init__(image_width, text_width, num_image_tokens, width, heads, dropout)
+        # a decoder layer without causal mask is exactly this block: self-attn, cross-attn, MLP
+        self.layers = nn.ModuleList(self._layer(nn.TransformerDecoderLayer) for _ in range(layers))
+
+    def forward(self, image: Tensor, text: Tensor, text_padding: Tensor) -> FusionOutput:
+        image, text = self.inputs(image, text)
+        for layer in self.layers:
+            text = layer(text, image, tgt_key_padding_mask=text_padding)
+        return self._output(text, None)
+
+
+class MergedFusion(_Fusion):
+    """VisualBERT/UNITER/ViLT: bidirectional self-attention over [text; image] with type embeddings."""
+
+    def __init__(self, image_width: int, text_width: int, num_image_tokens: int, width: int = 256,
+                 heads: int = 4, layers: int = 2, dropout: float = 0.0):
+        super().__init__(image_width, text_width, num_image_tokens, width, heads, dropout)
+        self.type_embedding = nn.Parameter(torch.randn(2, width) * 0.02)  # text, image
+        self.layers = nn.ModuleList(self._layer(nn.TransformerEncoderLayer) for _ in range(layers))
+        self.image_norm = nn.LayerNorm(width)
+
+    def forward(self, image: Tensor, text: Tensor, text_padding: Tensor) -> FusionOutput:
+        image, text = self.inputs(image, text)
+        L = text.shape[1]
+        x = torch.cat([text + self.type_embedding[0], image + self.type_embedding[1]], dim=1)  # (B, L+N, W)
+        padding = torch.cat([text_padding, text_padding.new_zeros(image.shape[:2])], dim=1)  # (B, L+N)
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=padding)
+        return self._output(x[:, :L], self.image_norm(x[:, L:]))
+
+
+class _CoAttentionLayer(nn.Module):
+    """LXMERT's cross-modality layer: both streams cross-attend to each other's input, then each
+    self-attends and runs its MLP (one torch.nn encoder layer per stream)."""
+
+    def __init__(self, fusion: _Fusion):
+        super().__init__()
+        W, H, p = fusion.width, fusion.heads, fusion.dropout
+        self.text_cross_norm, self.image_cross_norm = nn.LayerNorm(W), nn.LayerNorm(W)
+        self.text_cross = nn.MultiheadAttention(W, H, dropout=p, batch_first=True)
+        self.image_cross = nn.MultiheadAttention(W, H, dropout=p, batch_first=True)
+        self.text_self = fusion._layer(nn.TransformerEncoderLayer)
+        self.image_self = fusion._layer(nn.TransformerEncoderLayer)
+
+    def forward(self, text: Tensor, image: Tensor, text_padding: Tensor) -> tuple[Tensor, Tensor]:
+        t, i = self.text_cross_norm(text), self.image_cross_norm(image)
+        text = text + self.text_cross(t, i, i, need_weights=False)[0]
+        image = image + self.image_cross(i, t, t, key_padding_mask=text_padding, need_weights=False)[0]
+        return self.text_self(text, src_key_padding_mask=text_padding), self.image_self(image)
+
+
+class CoAttentionFusion(_Fusion):
+    """LXMERT: two streams exchanging information through co-attention in every layer."""
+
+    def __init__(self, image_width: int, text_width: int, num_image_tokens: int, width: int = 256,
+                 heads: int = 4, layers: int = 2, dropout: float = 0.0):
+        super().__init__(image_width, text_width, num_image_tokens, width, heads, dropout)
+        self.layers = nn.ModuleList(_CoAttentionLayer(self) for _ in range(layers))
+        self.image_norm = nn.LayerNorm(width)
+
+    def forward(self, image: Tensor, text: Tensor, text_padding: Tensor) -> FusionOutput:
+        image, text = self.inputs(image, text)
+        for layer in self.layers:
+            text, image = layer(text, image, text_padding)
+        return self._output(text, self.image_norm(image))
