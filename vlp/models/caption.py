@@ -37,8 +37,8 @@ def coca_text_decoder(arch: str) -> nn.Module:
 class CaptionOutput(NamedTuple):
     image_features: torch.Tensor  # (B, D), L2-normalised, for the contrastive loss
     text_features: torch.Tensor  # (B, D), L2-normalised
-    logits: torch.Tensor  # (B, L-1, V): next-token logits for tokens[:, :-1]
-    labels: torch.Tensor  # (B, L-1): tokens[:, 1:], PAD_ID where padded
+    logits: torch.Tensor  # (M, V): next-token logits at the M positions whose next token is not padding
+    labels: torch.Tensor  # (M,): those next tokens
 
 
 def encode_image_tokens(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,20 +51,46 @@ def encode_image_tokens(model: nn.Module, images: torch.Tensor) -> tuple[torch.T
     return F.normalize(pooled, dim=-1), tokens
 
 
-def next_token_logits(model: nn.Module, image_tokens: torch.Tensor, tokens: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text features (B, D) normalised, logits (B, L, V)) of the decoder reading `tokens` (B, L)."""
+def decoder_states(decoder: nn.Module, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+    """(B, L, W) outputs of open_clip's MultimodalTransformer before its vocabulary projection.
+
+    Its `forward`, minus the projection: projecting only the positions a loss or a generation step
+    needs saves most of the work, since the vocabulary (49k tokens) dwarfs a small decoder.
+    """
+    length = text_tokens.shape[1]
+    x, memory = text_tokens, image_tokens
+    if not decoder.batch_first:
+        x, memory = x.permute(1, 0, 2), memory.permute(1, 0, 2)
+    for block, cross_attn in zip(decoder.resblocks, decoder.cross_attn):
+        x = block(x, attn_mask=decoder.attn_mask[:length, :length])
+        x = cross_attn(x, k_x=memory, v_x=memory)
+    if not decoder.batch_first:
+        x = x.permute(1, 0, 2)
+    return decoder.ln_final(x)
+
+
+def text_states(model: nn.Module, image_tokens: torch.Tensor, tokens: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text features (B, D) normalised, decoder states (B, L, W)) of the decoder reading `tokens` (B, L)."""
     pooled, token_embs = model.text_tower(tokens)
-    return F.normalize(pooled, dim=-1), model.heads["caption"](image_tokens, token_embs)
+    return F.normalize(pooled, dim=-1), decoder_states(model.heads["caption"], image_tokens, token_embs)
 
 
-def caption_forward(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> CaptionOutput:
-    """Teacher-forced pass: contrastive features and next-token logits for each caption token."""
+def vocabulary_logits(model: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """Decoder states (..., W) -> next-token logits (..., V)."""
+    return states @ model.heads["caption"].text_projection
+
+
+def caption_forward(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, pad_id: int = PAD_ID
+                    ) -> CaptionOutput:
+    """Teacher-forced pass: contrastive features and next-token logits where the next token is text."""
     image_features, image_tokens = encode_image_tokens(model, images)
-    text_features, logits = next_token_logits(model, image_tokens, tokens)
-    return CaptionOutput(image_features, text_features, logits[:, :-1], tokens[:, 1:])
+    text_features, states = text_states(model, image_tokens, tokens)
+    labels = tokens[:, 1:]
+    keep = labels != pad_id
+    return CaptionOutput(image_features, text_features, vocabulary_logits(model, states[:, :-1][keep]), labels[keep])
 
 
-def caption_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = PAD_ID) -> torch.Tensor:
-    """Mean next-token cross-entropy over non-padding labels (open_clip's CoCaLoss caption term, unweighted)."""
-    return F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=pad_id)
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (open_clip's CoCaLoss caption term, unweighted; padding already dropped)."""
+    return F.cross_entropy(logits, labels)

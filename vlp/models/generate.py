@@ -9,7 +9,7 @@ from typing import Optional
 import open_clip
 import torch
 
-from vlp.models.caption import encode_image_tokens, next_token_logits
+from vlp.models.caption import encode_image_tokens, text_states, vocabulary_logits
 
 SOT_ID, EOT_ID = 49406, 49407  # open_clip's BPE <start_of_text>, <end_of_text>
 METHODS = ("beam_search", "top_p", "greedy")
@@ -52,7 +52,7 @@ def generate(model: torch.nn.Module, images: torch.Tensor, method: str = "beam_s
 
 
 def _next_logits(model, image_tokens, tokens, min_len):
-    logits = next_token_logits(model, image_tokens, tokens)[1][:, -1].float()  # (B, V)
+    logits = vocabulary_logits(model, text_states(model, image_tokens, tokens)[1][:, -1]).float()  # (B, V)
     if tokens.shape[1] < min_len:
         logits[:, EOT_ID] = -float("inf")
     return logits
