@@ -170,6 +170,7 @@ class TrainConf:
     paths: PathsConf = field(default_factory=PathsConf)
     seed: int = 0
     ckpt_path: Optional[str] = None  # resume from this checkpoint
+    init_from: Optional[str] = None  # weights only (a vlp .ckpt): a new run from step 0
     micro_batch_size: Optional[int] = None  # contrastive-exact micro-batching (feature cache), per device
     optimized_metric: Optional[str] = "val/zeroshot_top1"  # what `vlp-train` returns to sweepers
     tags: List[str] = field(default_factory=list)

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from vlp.checkpoint import load_weights
 from vlp.config import register_configs
 from vlp.loggers import build_loggers
 
@@ -37,6 +38,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
     model = instantiate(cfg.model)
+    if cfg.init_from:  # weights only: this run's optimiser and schedule start fresh at step 0
+        log.info("init_from: %s", load_weights(model, cfg.init_from))
     datamodule = instantiate(cfg.data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
     task = instantiate(cfg.task, _partial_=True)  # the task's LightningModule (conf/task/): pretrain, vqa, caption
     lit = task(

@@ -30,8 +30,12 @@ def coca_text_decoder(arch: str) -> nn.Module:
         raise ValueError(f"model.heads.caption needs a CoCa architecture (coca_*, vlp-coca-micro); "
                          f"model.towers.arch={arch!r} has no multimodal_cfg")
     # open_clip's own builder, so the decoder (and its state dict) is exactly CoCa's
-    return _build_text_decoder_tower(cfg["text_cfg"]["vocab_size"], cfg["multimodal_cfg"],
-                                     quick_gelu=cfg.get("quick_gelu", False))
+    decoder = _build_text_decoder_tower(cfg["text_cfg"]["vocab_size"], cfg["multimodal_cfg"],
+                                        quick_gelu=cfg.get("quick_gelu", False))
+    # open_clip leaves the vocabulary projection as torch.empty (its init_parameters is never called):
+    # initialise it as that method intends, so no run starts from whatever memory held
+    nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
+    return decoder
 
 
 class CaptionOutput(NamedTuple):
