@@ -45,7 +45,7 @@ SIZES = {"small": 0.12, "medium": 0.17, "large": 0.23}  # circumradius / image s
 SPLITS = {"train": 0, "val": 1}
 
 # Bump whenever rendering or captions change, so cached datasets get regenerated.
-_VERSION = 2
+_VERSION = 3  # 3: questions (qa)
 _SUPERSAMPLE = 4
 _MIN_IMAGE_SIZE = 16
 _HELDOUT_IDS = [CLASSNAMES.index(f"{c} {s}") for c, s in HELDOUT]
