@@ -13,7 +13,7 @@ from vlp.checkpoint import load_model, load_weights
 from vlp.data.synthetic import write_dataset
 
 FUSION = ["fusion=cross_attention", "model.fusion.width=64", "model.fusion.layers=1"]
-FAST = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.precision=32-true"]
+FAST = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.precision=32-true", "data.batch_size=16"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,8 @@ def test_vqa_fine_tunes_from_a_fusion_checkpoint(tmp_path, data_dir, pretrained_
     assert proc_metrics["global_step"] == 4
     assert proc_metrics["val/num_samples"] == _questions(data_dir)  # every question once, over all ranks
     assert 0.0 <= proc_metrics["val/vqa_acc"] <= 1.0
-    assert {"val/vqa_acc_colour", "val/vqa_acc_shape", "val/vqa_acc_count", "val/vqa_majority_acc"} <= set(proc_metrics)
+    assert {"val/vqa_acc_colour", "val/vqa_acc_shape", "val/vqa_acc_count", "val/vqa_majority_acc",
+            "val/vqa_acc_labelled", "val/vqa_majority_acc_labelled"} <= set(proc_metrics)
     log = (run / "train.log").read_text()
     assert "missing in the file, initialised fresh: heads.vqa." in log  # init_from names the new head
     answers = json.loads((run / "answers.json").read_text())

@@ -79,6 +79,8 @@ def test_question_batches_hold_every_question_once_with_its_scores(shards):
     assert scores.shape == (len(expected), 16)
     types = [t for b in batches for t in b.labels["answer_type"]]
     assert types == [q["answer_type"] for q in expected]
+    labelled = torch.cat([b.labels["labelled"] for b in batches])
+    assert labelled.any() and not labelled.all()  # the single-object (held-out) validation images have a class
     for row, q in zip(scores, expected):  # one answer per synthetic question: 1 at it, 0 elsewhere
         assert row.sum() == (q["answers"][0] in answers)
         if q["answers"][0] in answers:

@@ -68,7 +68,8 @@ def build_answer_vocabulary(urls: Iterable[str], top_k: int, qa_key: str = "json
 class QuestionDecoder:
     """Raw webdataset sample -> one (image, question, target) example per question.
 
-    The label is {"scores": (num_answers,) VQA accuracy of each answer, "answer_type": str}.
+    The label is {"scores": (num_answers,) VQA accuracy of each answer, "answer_type": str,
+    "labelled": whether the sample has a class (`.cls`; on the synthetic data: a held-out pair)}.
 
     Args:
         images: decodes and transforms the sample's image (its `image` method).
@@ -87,5 +88,7 @@ class QuestionDecoder:
         qa = read_qa(sample, self.qa_key)
         image = self.images.image(sample)
         # (image, text, label, hard negative captions) like SampleDecoder's examples; questions have no negatives
+        labelled = self.images.label_key in sample  # synthetic validation: the held-out pairs
         return [(image, q["question"], {"scores": answer_scores(q["answers"], self.index, self.num_answers),
-                                        "answer_type": q.get("answer_type", "")}, []) for q in qa]
+                                        "answer_type": q.get("answer_type", ""), "labelled": labelled}, [])
+                for q in qa]

@@ -22,7 +22,8 @@ class VQALitModule(VLPLitModule):
     The question goes through the text tower and the fusion with the image; the fused [CLS] goes
     through `heads.vqa`. Loss: binary cross-entropy against the soft VQA scores of every answer,
     summed over answers, averaged over questions. Validation logs `val/vqa_acc`, `val/vqa_acc_<type>`
-    per answer type, and `val/vqa_majority_acc`: always answering the most frequent training answer.
+    per answer type, `val/vqa_majority_acc`: always answering the most frequent training answer, and
+    both on the images with a class (`_labelled`; on the synthetic data: the held-out pairs).
     The answer vocabulary is written to `<run dir>/answers.json` and into every checkpoint.
 
     Args:
@@ -40,7 +41,7 @@ class VQALitModule(VLPLitModule):
         super().__init__(model, loss, optimizer, **common)
         self.answers: Optional[list[str]] = None
         self._freeze_unreached()
-        self._val_results: list[tuple[float, float, str]] = []  # (accuracy, majority accuracy, answer type)
+        self._val_results: list[tuple[float, float, str, bool]] = []  # (accuracy, majority accuracy, type, labelled)
 
     def _freeze_unreached(self) -> None:
         """Freezes what the answer never depends on (pooled projections, temperature, ITM/MLM heads):
@@ -91,15 +92,18 @@ class VQALitModule(VLPLitModule):
         scores = batch.labels["scores"][:, : logits.shape[1]]
         # column 0 is the most frequent training answer: the majority baseline
         self._val_results += zip(vqa_accuracy(logits, scores).tolist(), scores[:, 0].tolist(),
-                                 batch.labels["answer_type"])
+                                 batch.labels["answer_type"], batch.labels["labelled"].tolist())
 
     def on_validation_epoch_end(self) -> None:
         results = all_gather_objects(self._val_results)  # every rank gets all, computes the same values
         self._val_results.clear()
-        accuracy, majority, types = zip(*results) if results else ((), (), ())
+        accuracy, majority, types, labelled = zip(*results) if results else ((), (), (), ())
         metrics = vqa_metrics(accuracy, types)
         if results:
             metrics["vqa_majority_acc"] = sum(majority) / len(majority)
+        if any(labelled):  # images with a class; on the synthetic data, the held-out (colour, shape) pairs
+            metrics["vqa_acc_labelled"] = sum(a for a, l in zip(accuracy, labelled) if l) / sum(labelled)
+            metrics["vqa_majority_acc_labelled"] = sum(m for m, l in zip(majority, labelled) if l) / sum(labelled)
         metrics["num_samples"] = len(results)
         self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()})
         self.validated_at_step = self.global_step
