@@ -59,7 +59,7 @@ def masked_language_modelling(model: VLPModel, out: VLPOutput, tokens: Tensor, p
     targets = labels[chosen]
     if not len(targets):  # no token chosen (tiny batch): zero, still connected to the graph
         return FusionLossOutput(logits.sum() * 0.0, logits.new_zeros(()))
-    loss = F.cross_entropy(logits.float(), targets)
+    loss = F.cross_entropy(_at_least_float32(logits), targets)
     return FusionLossOutput(loss, (logits.argmax(dim=1) == targets).float().mean())
 
 
@@ -125,14 +125,19 @@ def image_text_matching(model: VLPModel, out: VLPOutput, tokens: Tensor, seed: i
     padding = torch.cat([out.text_padding, all_padding[negative_text], out.text_padding])  # (3B, L)
     logits = model.heads["itm"](model.fusion(image, text, padding).cls)  # (3B, 2)
     labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = F.cross_entropy(_at_least_float32(logits), labels)
     return FusionLossOutput(loss, (logits.argmax(dim=1) == labels).float().mean())
 
 
 def itm_match_scores(model: VLPModel, image_tokens: Tensor, text_tokens: Tensor, text_padding: Tensor) -> Tensor:
     """(B,) ITM match logit minus no-match logit of B (image, text) token-sequence pairs."""
-    logits = model.heads["itm"](model.fusion(image_tokens, text_tokens, text_padding).cls).float()
+    logits = _at_least_float32(model.heads["itm"](model.fusion(image_tokens, text_tokens, text_padding).cls))
     return logits[:, 1] - logits[:, 0]
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """bf16 logits are upcast for the loss; float64 (tests) stays."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _identity(x: Tensor) -> Tensor:

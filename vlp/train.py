@@ -55,7 +55,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = build_loggers(cfg.logger, str(run_dir))
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **fusion_ddp_options(cfg))
     trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if datamodule.val_set is not None and lit.validated_at_step != trainer.global_step:
         trainer.validate(lit, datamodule=datamodule, verbose=False)
@@ -65,6 +65,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         print(summary(metrics, run_dir))
     return metrics
+
+
+def fusion_ddp_options(cfg: DictConfig) -> dict:
+    """A fusion model has parameters that no objective reaches (the image stream's last layer feeds
+    no [CLS]), so DDP must look for parameters without gradient."""
+    if cfg.model.fusion is not None and cfg.trainer.strategy == "ddp":
+        return {"strategy": "ddp_find_unused_parameters_true"}
+    return {}
 
 
 def summary(metrics: dict[str, float], run_dir: Path) -> str:

@@ -95,14 +95,27 @@ def test_train_never_shows_heldout_pairs(train_samples):
     assert len(seen) == 32 - len(HELDOUT)
 
 
-def test_val_shows_exactly_one_heldout_object(val_samples):
+def test_val_even_indices_show_exactly_one_heldout_object(val_samples):
     classes = Counter()
-    for _, _, meta in val_samples:
+    for _, _, meta in val_samples[::2]:
         (obj,) = meta["objects"]
-        assert (obj["colour"], obj["shape"]) in HELDOUT
+        assert (obj["colour"], obj["shape"]) in HELDOUT and "negatives" not in meta
         assert CLASSNAMES[obj["class"]] == f"{obj['colour']} {obj['shape']}"
         classes[obj["class"]] += 1
-    assert len(classes) == 8 and set(classes.values()) == {6}  # balanced
+    assert len(classes) == 8 and set(classes.values()) == {3}  # balanced
+
+
+def test_val_odd_indices_carry_hard_negatives_with_the_same_words(val_samples):
+    for _, caption, meta in val_samples[1::2]:
+        a, b = meta["objects"]
+        assert a["colour"] != b["colour"] and a["shape"] != b["shape"]
+        negatives = meta["negatives"]
+        assert len(negatives) == 3 and caption not in negatives and len(set(negatives)) == 3
+        colour_swap, reversed_relation, objects_swapped = negatives
+        words = sorted(_words(caption))
+        assert sorted(_words(colour_swap)) == words and sorted(_words(objects_swapped)) == words  # same bag
+
+        assert reversed_relation != caption
 
 
 def test_captions_name_every_object_and_vary(train_samples, val_samples):
@@ -117,12 +130,12 @@ def test_captions_name_every_object_and_vary(train_samples, val_samples):
         assert words[word] > 3, word
 
 
-def test_spatial_relations_in_captions_are_true(train_samples):
+def test_spatial_relations_in_captions_are_true(train_samples, val_samples):
     colour, shape = "|".join(COLOURS), "|".join(SHAPES)
     pattern = re.compile(rf"({colour}) ({shape}) (to the left of|to the right of|above|below) "
                          rf"\w+(?: \w+)*? ({colour}) ({shape})\.")
     checked = 0
-    for _, caption, meta in train_samples:
+    for _, caption, meta in train_samples + val_samples:
         match = pattern.search(caption)
         if not match:
             continue
@@ -152,7 +165,7 @@ def test_shards_round_trip_through_webdataset(tmp_path, split):
         if len(meta["objects"]) == 1:
             assert sample["cls"] == meta["objects"][0]["class"]
         else:
-            assert split == "train" and "cls" not in sample
+            assert "cls" not in sample
 
 
 def test_shards_do_not_depend_on_shard_size_or_workers(tmp_path):

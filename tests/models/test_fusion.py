@@ -1,0 +1,93 @@
+"""Token outputs of the towers and the three fusion transformers."""
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from vlp.models import VLPModel, open_clip_towers
+from vlp.models.fusion import CoAttentionFusion, CrossAttentionFusion, MergedFusion
+from vlp.models.tokens import add_mask_token, check_token_support
+
+FUSIONS = [CrossAttentionFusion, MergedFusion, CoAttentionFusion]
+CAPTIONS = ["a red circle", "a blue square above a green star", "one"]
+
+
+def fusion_model(arch="vlp-clip-micro", fusion=CrossAttentionFusion, **towers_kwargs) -> VLPModel:
+    torch.manual_seed(0)
+    return VLPModel(open_clip_towers(arch, **towers_kwargs), fusion=functools.partial(fusion, width=32, heads=2))
+
+
+@pytest.mark.parametrize("arch,tokens", [("vlp-clip-micro", 16), ("vlp-clip-rn-micro", 4)])
+def test_token_outputs_come_with_unchanged_pooled_features(arch, tokens):
+    model = fusion_model(arch).eval()
+    images, text = torch.randn(3, 3, 64, 64), model.tokenizer(CAPTIONS)
+    with torch.no_grad():
+        out = model(images, text)
+        torch.testing.assert_close(out.image_features, model.encode_image(images))
+        torch.testing.assert_close(out.text_features, model.encode_text(text))
+    assert out.image_tokens.shape[:2] == (3, tokens)  # ViT: 4x4 patches; ResNet: its 2x2 final map
+    assert out.text_tokens.shape[:2] == text.shape
+    assert torch.equal(out.text_padding, text == 0)
+
+
+def test_hf_text_tower_gives_tokens(tiny_hf_arch):
+    model = fusion_model(tiny_hf_arch)
+    text = model.tokenizer(CAPTIONS)
+    out = model(torch.randn(3, 3, 64, 64), text)
+    assert out.text_tokens.shape[:2] == text.shape and torch.equal(out.text_padding, text == 0)
+    assert model.mask_token_id == model.tokenizer.tokenizer.mask_token_id  # BERT has its own [MASK]
+    assert model.fuse(torch.randn(3, 3, 64, 64), text).cls.shape == (3, 32)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_fusion_reads_both_modalities_and_ignores_padding(fusion):
+    model = fusion_model(fusion=fusion).eval()
+    images, text = torch.randn(3, 3, 64, 64), model.tokenizer(CAPTIONS)
+    with torch.no_grad():
+        out = model(images, text)
+        fused = model.fusion(out.image_tokens, out.text_tokens, out.text_padding)
+        assert fused.text.shape == (3, text.shape[1], 32) and fused.cls.shape == (3, 32)
+        assert (fused.image is None) == (fusion is CrossAttentionFusion)
+        garbage = out.text_tokens.masked_fill(out.text_padding[..., None], 7.0)
+        again = model.fusion(out.image_tokens, garbage, out.text_padding)
+        torch.testing.assert_close(again.cls, fused.cls)  # padding is masked out
+        other_image = model.fusion(out.image_tokens.flip(0), out.text_tokens, out.text_padding)
+        assert not torch.allclose(other_image.cls, fused.cls)  # the [CLS] sees the image
+
+
+def test_state_dict_prefixes_with_fusion_and_mask_row():
+    model = fusion_model()
+    assert {k.split(".")[0] for k in model.state_dict()} == {"image_tower", "text_tower", "fusion", "heads",
+                                                             "logit_scale"}
+    assert {k.split(".")[1] for k in model.state_dict() if k.startswith("heads.")} == {"itm", "mlm"}
+    assert model.text_tower.token_embedding.num_embeddings == 49409 and model.mask_token_id == 49408
+
+
+def test_mask_row_keeps_pretrained_rows_and_is_added_once():
+    towers = open_clip_towers("vlp-clip-micro")
+    before = towers.text.token_embedding.weight.detach().clone()
+    assert add_mask_token(towers.text, towers.tokenizer) == 49408
+    assert add_mask_token(towers.text, towers.tokenizer) == 49408
+    assert torch.equal(towers.text.token_embedding.weight[:49408], before)
+    assert towers.text.token_embedding.num_embeddings == 49409
+
+
+def test_tower_without_tokens_fails_naming_it():
+    towers = open_clip_towers("vlp-clip-micro")
+    with pytest.raises(ValueError, match="Sequential"):
+        check_token_support(nn.Sequential(), towers.text)
+    with pytest.raises(ValueError, match="Linear"):
+        check_token_support(towers.image, nn.Linear(2, 2))
+
+
+def test_wrong_image_size_is_reported():
+    model = fusion_model()
+    out = model(torch.randn(1, 3, 64, 64), model.tokenizer(["x"]))
+    with pytest.raises(ValueError, match="16 image tokens"):
+        model.fusion(out.image_tokens[:, :9], out.text_tokens, out.text_padding)
+
+
+def test_width_must_divide_into_heads():
+    with pytest.raises(ValueError, match="heads=3"):
+        VLPModel(open_clip_towers("vlp-clip-micro"), fusion=functools.partial(MergedFusion, width=32, heads=3))

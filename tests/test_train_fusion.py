@@ -1,0 +1,65 @@
+"""`vlp-train` with a fusion transformer, as users run it: each design, the recipes, DDP, resume."""
+import pytest
+import torch
+
+from test_train import VAL_SAMPLES, data_dir, logged, run_cli, vlp_train  # noqa: F401 (data_dir: fixture)
+from vlp.checkpoint import load_model
+
+FAST = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
+        "model.fusion.width=64", "model.fusion.heads=2", "model.fusion.layers=1"]
+FUSION_METRICS = ["val/hard_negative_acc", "val/itm_hard_negative_acc", "val/itm_i2t_r@1", "val/itm_t2i_r@1"]
+
+
+@pytest.mark.parametrize("fusion", ["cross_attention", "merged", "co_attention"])
+def test_each_fusion_trains_logs_its_objectives_and_rebuilds_from_its_checkpoint(tmp_path, data_dir, fusion):
+    run = tmp_path / "run"
+    metrics = vlp_train(run, data_dir, f"fusion={fusion}", *FAST)
+    assert metrics["global_step"] == 4 and metrics["val/num_samples"] == VAL_SAMPLES
+    for key in FUSION_METRICS:
+        assert 0.0 <= metrics[key] <= 1.0, key
+    for key in ("train/itc_loss", "train/itm_loss", "train/mlm_loss", "train/itm_acc", "train/mlm_acc"):
+        assert len(logged(run, key)) == 4, key
+    itc, itm, mlm, total = (logged(run, k)[3] for k in ("train/itc_loss", "train/itm_loss", "train/mlm_loss",
+                                                           "train/loss"))
+    assert total == pytest.approx(itc + itm + mlm, rel=1e-3)  # weights 1, 1, 1
+    model = load_model(run / "checkpoints" / "last.ckpt")
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert {k.split(".")[0] for k in model.state_dict()} >= {"image_tower", "text_tower", "fusion", "heads"}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[f"model.{key}"]), key
+
+
+def test_objective_weights_and_resume(tmp_path, data_dir):
+    first = tmp_path / "first"
+    vlp_train(first, data_dir, "fusion=merged", *FAST, "objectives.itc=0", "objectives.mlm=0.5")
+    assert logged(first, "train/loss")[3] == pytest.approx(
+        logged(first, "train/itm_loss")[3] + 0.5 * logged(first, "train/mlm_loss")[3], rel=1e-3)
+    resumed = tmp_path / "resumed"
+    metrics = vlp_train(resumed, data_dir, "fusion=merged", *FAST, "objectives.itc=0", "objectives.mlm=0.5",
+                        "trainer.max_steps=6", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    assert metrics["global_step"] == 6 and min(logged(resumed, "train/itm_loss")) >= 4
+
+
+def test_ddp_with_fusion_on_two_cpu_processes(tmp_path, data_dir):
+    metrics = vlp_train(tmp_path / "run", data_dir, "fusion=co_attention", *FAST, "trainer=ddp", "trainer.devices=2",
+                        "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.precision=32-true")
+    assert metrics["global_step"] == 2 and metrics["val/num_samples"] == VAL_SAMPLES
+    assert all(key in metrics for key in FUSION_METRICS)
+
+
+@pytest.mark.parametrize("experiment", ["albef", "visualbert", "uniter", "lxmert", "fusion_synthetic"])
+def test_fusion_recipes_run_end_to_end_with_micro_towers_on_cpu(tmp_path, data_dir, experiment):
+    small = [] if experiment == "fusion_synthetic" else [
+        "data=synthetic", "trainer=cpu", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto",
+        "model.towers.arch=vlp-clip-micro"]
+    metrics = vlp_train(tmp_path / "run", data_dir, f"experiment={experiment}", *small, *FAST,
+                        "data.batch_size=16", "trainer.limit_val_batches=1")
+    assert metrics["global_step"] == 4 and "val/itm_hard_negative_acc" in metrics
+
+
+def test_micro_batching_with_fusion_is_refused_in_one_line(tmp_path, data_dir):
+    proc = run_cli("debug=fast", "fusion=cross_attention", "micro_batch_size=8", f"paths.data_dir={data_dir}",
+                   f"hydra.run.dir={tmp_path}")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "micro_batch_size does not combine with model.fusion" in output
+    assert "Traceback" not in output
