@@ -23,7 +23,7 @@ from vlp.checkpoint import load_weights
 from vlp.config import register_configs
 from vlp.loggers import build_loggers
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vlp.train")  # not "__main__" under `python -m`: the vlp logging config applies
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works from the console script too
 register_configs()
 
