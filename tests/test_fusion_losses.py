@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vlp.fusion_losses import (IGNORE, caption_hashes, image_text_matching, mask_tokens, masked_language_modelling,
-                               sample_negatives)
+                               near_positives, sample_negatives)
 from vlp.models import VLPModel, open_clip_towers
 from vlp.models.fusion import CrossAttentionFusion
 
@@ -78,10 +78,30 @@ def test_itm_loss_equals_cross_entropy_of_the_pairs_it_draws():
     assert not (neg_text == torch.arange(8)).any() and not same[torch.arange(8), neg_text].any()
     logits = []
     for image, text in [(torch.arange(8), torch.arange(8)), (torch.arange(8), neg_text), (neg_image, torch.arange(8))]:
-        fused = model.fusion(out.image_tokens[image], out.text_tokens[text], out.text_padding[text])
+        fused = model.fusion(out.image_tokens[image], out.text_tokens[text], out.text_padding[text],
+                             out.text_cls_index[text])
         logits.append(model.heads["itm"](fused.cls))
     want = F.cross_entropy(torch.cat(logits), torch.tensor([1] * 8 + [0] * 16))
     torch.testing.assert_close(got.loss, want)
+
+
+def test_itm_data_negatives_add_no_match_pairs_and_positive_aware_mining_skips_near_positives():
+    model = fusion_model()
+    images, tokens = torch.randn(8, 3, 64, 64).double(), model.tokenizer(CAPTIONS)
+    out = model(images, tokens)
+    negatives, owner = model.tokenizer(["a blue circle.", "a red square above a star."]), torch.tensor([0, 1])
+    base = image_text_matching(model, out, tokens, seed=3)
+    more = image_text_matching(model, out, tokens, seed=3, data_negatives=(negatives, owner))
+    text, padding, cls = model.encode_text_tokens(negatives)
+    logits = model.heads["itm"](model.fusion(out.image_tokens[owner], text, padding, cls).cls)
+    extra = F.cross_entropy(logits, torch.zeros(2, dtype=torch.long), reduction="sum")
+    torch.testing.assert_close(more.loss, (base.loss * 24 + extra) / 26)  # 3B + M pairs
+
+
+def test_positive_aware_mining_skips_candidates_close_to_the_positive():
+    cosines = torch.tensor([[0.9, 0.5, 0.77, 0.75], [0.1, -0.2, 0.0, 0.3]])
+    near = near_positives(cosines, torch.tensor([0.8, -0.5]), 0.95)
+    assert near.tolist() == [[True, False, True, False], [True, False, False, True]]
 
 
 def test_mlm_predicts_only_masked_tokens_and_learns():

@@ -45,6 +45,8 @@ class ObjectivesConf:
     itm: float = 1.0
     mlm: float = 1.0
     itm_across_ranks: bool = True  # ITM hard negatives from the global batch; false: this rank's only
+    itm_false_negative_ratio: Optional[float] = None  # e.g. 0.95: skip candidates scoring > 95% of the positive
+    itm_data_negatives: bool = True  # the shards' `negatives` captions are ITM no-match pairs too
     mlm_probability: float = 0.15
     rerank_k: int = 16  # validation re-scores the top-k retrieval candidates with ITM (0: off)
 

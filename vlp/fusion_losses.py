@@ -1,7 +1,8 @@
 """The objectives trained through a fusion transformer: image-text matching and masked language modelling.
 
 - ITM (ALBEF): the fused [CLS] of every positive pair, of each image with a hard negative text and
-  of each text with a hard negative image is classified match / no match. Negatives are drawn
+  of each text with a hard negative image (and of each image with the false captions its sample
+  may carry) is classified match / no match. Negatives are drawn
   from the softmax of the contrastive similarity over the **global** batch (all ranks) with the
   positive, and any pair with the positive's exact caption, masked. Token sequences are gathered
   with gradient, so a rank's negative may come from, and send gradient to, another rank: the
@@ -11,7 +12,7 @@
 - MLM (BERT): 15% of the non-special text tokens are chosen; 80% become [MASK], 10% a random
   token, 10% stay; the fused text tokens predict the originals.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,7 @@ def masked_language_modelling(model: VLPModel, out: VLPOutput, tokens: Tensor, p
     """MLM loss of `model` on a batch whose forward output is `out` (image tokens reused)."""
     masked, labels = mask_tokens(tokens, model.mask_token_id, model.special_token_ids, model.text_vocab_size,
                                  probability, generator)
-    text, padding = model.encode_text_tokens(masked)
-    fused = model.fusion(out.image_tokens, text, padding)
+    fused = model.fusion(out.image_tokens, *model.encode_text_tokens(masked))
     chosen = labels != IGNORE  # (B, L)
     logits = model.mlm_logits(fused.text[chosen])  # (M, V)
     targets = labels[chosen]
@@ -67,6 +67,12 @@ def caption_hashes(tokens: Tensor) -> Tensor:
     """(B, L) token ids -> (B,) int64 keys, equal for equal captions (collisions: ~2^-64)."""
     weights = torch.randint(-2**62, 2**62, (tokens.shape[1],), generator=torch.Generator().manual_seed(0))
     return (tokens.long() * weights.to(tokens.device)).sum(dim=1)  # wraps around: a hash
+
+
+def near_positives(cosines: Tensor, positive_cos: Tensor, ratio: float) -> Tensor:
+    """(B, M) True where a candidate's cosine (B, M) exceeds `ratio` times the positive's (B,),
+    taken as 0 when negative (NV-Retriever's TopK-PercPos); the positive itself is masked elsewhere."""
+    return cosines > ratio * positive_cos.clamp(min=0)[:, None]
 
 
 def sample_negatives(similarity: Tensor, positive: Tensor, excluded: Tensor, uniform: Tensor) -> Tensor:
@@ -93,8 +99,9 @@ def sample_negatives(similarity: Tensor, positive: Tensor, excluded: Tensor, uni
     return picks.clamp(max=weights.shape[1] - 1)
 
 
-def image_text_matching(model: VLPModel, out: VLPOutput, tokens: Tensor, seed: int,
-                        across_ranks: bool = True) -> FusionLossOutput:
+def image_text_matching(model: VLPModel, out: VLPOutput, tokens: Tensor, seed: int, across_ranks: bool = True,
+                        false_negative_ratio: Optional[float] = None,
+                        data_negatives: Optional[tuple[Tensor, Tensor]] = None) -> FusionLossOutput:
     """ITM loss over B positives, B (image, negative text) and B (negative image, text) pairs.
 
     Args:
@@ -103,6 +110,11 @@ def image_text_matching(model: VLPModel, out: VLPOutput, tokens: Tensor, seed: i
         tokens: (B, L) the batch's token ids (to mask negatives with the positive's caption).
         seed: seeds the draw; give every rank the same seed at a step (e.g. seed + step).
         across_ranks: mine negatives from the global batch; False: from this rank's batch only.
+        false_negative_ratio: positive-aware mining (NV-Retriever's TopK-PercPos): candidates whose
+            cosine exceeds this share of the positive's are not drawn, as likely descriptions of the
+            same content (data sets with many near-duplicate captions); None: ALBEF's plain draw.
+        data_negatives: (M, L) token ids of captions known to be false for their image, and (M,) the
+            image each belongs to (the shards' `negatives` field): M more no-match pairs.
     """
     rank, world = world_info() if across_ranks else (0, 1)
     gather = all_gather_with_grad if world > 1 else _identity
@@ -115,23 +127,39 @@ def image_text_matching(model: VLPModel, out: VLPOutput, tokens: Tensor, seed: i
         positive = rank * B + torch.arange(B, device=tokens.device)
         generator = torch.Generator(device=tokens.device).manual_seed(seed)
         uniform = torch.rand(2, world * B, device=tokens.device, generator=generator)[:, rank * B:(rank + 1) * B]
+        i2t, t2i = out.image_features @ all_text.T, out.text_features @ all_image.T  # (B, W*B) cosines
+        excluded_texts, excluded_images = same_caption, same_caption
+        if false_negative_ratio is not None:
+            positive_cos = (out.image_features * out.text_features).sum(dim=1)  # (B,)
+            excluded_texts = same_caption | near_positives(i2t, positive_cos, false_negative_ratio)
+            excluded_images = same_caption | near_positives(t2i, positive_cos, false_negative_ratio)
         scale = out.logit_scale.detach()
-        negative_text = sample_negatives(scale * out.image_features @ all_text.T, positive, same_caption, uniform[0])
-        negative_image = sample_negatives(scale * out.text_features @ all_image.T, positive, same_caption, uniform[1])
+        negative_text = sample_negatives(scale * i2t, positive, excluded_texts, uniform[0])
+        negative_image = sample_negatives(scale * t2i, positive, excluded_images, uniform[1])
         all_padding = gather_ids(out.text_padding.to(torch.uint8)).bool()  # gloo gathers no bools
+        all_cls = gather_ids(out.text_cls_index)
     all_image_tokens, all_text_tokens = gather(out.image_tokens), gather(out.text_tokens)
     image = torch.cat([out.image_tokens, out.image_tokens, all_image_tokens[negative_image]])  # (3B, N, W_img)
     text = torch.cat([out.text_tokens, all_text_tokens[negative_text], out.text_tokens])  # (3B, L, W_txt)
     padding = torch.cat([out.text_padding, all_padding[negative_text], out.text_padding])  # (3B, L)
-    logits = model.heads["itm"](model.fusion(image, text, padding).cls)  # (3B, 2)
-    labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
+    cls = torch.cat([out.text_cls_index, all_cls[negative_text], out.text_cls_index])  # (3B,)
+    if data_negatives is not None:
+        negative_tokens, owner = data_negatives
+        image = torch.cat([image, out.image_tokens[owner]])  # (3B+M, N, W_img)
+        text, padding, cls = (torch.cat(pair) for pair in zip((text, padding, cls),
+                                                                model.encode_text_tokens(negative_tokens)))
+    logits = model.heads["itm"](model.fusion(image, text, padding, cls).cls)  # (3B+M, 2)
+    labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+    labels[:B] = 1
     loss = F.cross_entropy(_at_least_float32(logits), labels)
     return FusionLossOutput(loss, (logits.argmax(dim=1) == labels).float().mean())
 
 
-def itm_match_scores(model: VLPModel, image_tokens: Tensor, text_tokens: Tensor, text_padding: Tensor) -> Tensor:
+def itm_match_scores(model: VLPModel, image_tokens: Tensor, text_tokens: Tensor, text_padding: Tensor,
+                     text_cls_index: Tensor) -> Tensor:
     """(B,) ITM match logit minus no-match logit of B (image, text) token-sequence pairs."""
-    logits = _at_least_float32(model.heads["itm"](model.fusion(image_tokens, text_tokens, text_padding).cls))
+    fused = model.fusion(image_tokens, text_tokens, text_padding, text_cls_index)
+    logits = _at_least_float32(model.heads["itm"](fused.cls))
     return logits[:, 1] - logits[:, 0]
 
 

@@ -1,6 +1,7 @@
 """The LightningModule: pretraining of a VLPModel (contrastive, plus ITM and MLM through a fusion),
 validated with retrieval (ITM re-ranked with fusion), zero-shot and hard-negative accuracy."""
 import time
+from dataclasses import asdict
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Optional
@@ -10,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from vlp.checkpoint import CONFIG_KEY
+from vlp.config import ObjectivesConf
 from vlp.data.wds import Batch
 from vlp.distributed import all_gather_no_grad, world_info
 from vlp.eval import hard_negative_correct, rerank_hits, retrieval_metrics, zeroshot_classifier, zeroshot_metrics
@@ -20,10 +22,11 @@ from vlp.optim import param_groups
 
 
 class VLPLitModule(pl.LightningModule):
-    """Trains `model` with `loss`; validates with retrieval and zero-shot classification.
+    """Trains `model` with `loss` (and ITM and MLM with a fusion); validates with retrieval, zero-shot
+    classification and hard negatives.
 
     Args:
-        model: the dual encoder.
+        model: the dual encoder, with or without a fusion.
         loss: module called as loss(image_features, text_features, logit_scale[, logit_bias]) -> output
             with `.loss`; the bias is passed when the model has one (sigmoid loss).
         optimizer: partial optimiser taking parameter groups (e.g. AdamW with lr, weight_decay).
@@ -32,8 +35,8 @@ class VLPLitModule(pl.LightningModule):
         param_group_options: per-tower LR scales and layer decay for `vlp.optim.param_groups`.
         micro_batch_size: encode the batch this many rows at a time with a feature cache
             (`vlp.microbatch`): the full-batch contrastive gradient at the memory of a micro-batch.
-        objectives: loss weights `itc`, `itm`, `mlm` (the last two only with fusion), and
-            `itm_across_ranks`, `mlm_probability`, `rerank_k` (0: no ITM re-ranking).
+        objectives: `vlp.config.ObjectivesConf` fields: loss weights (ITM and MLM only with a fusion)
+            and their settings; its defaults where absent.
         seed: seeds the ITM negative draws (the same on every rank).
     """
 
@@ -41,8 +44,7 @@ class VLPLitModule(pl.LightningModule):
                  config: Optional[dict] = None, param_group_options: Optional[dict] = None,
                  micro_batch_size: Optional[int] = None, objectives: Optional[dict] = None, seed: int = 0):
         super().__init__()
-        self.objectives = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "itm_across_ranks": True, "mlm_probability": 0.15,
-                           "rerank_k": 16} | dict(objectives or {})
+        self.objectives = asdict(ObjectivesConf()) | dict(objectives or {})
         self.seed = seed
         if model.fusion is not None:
             if micro_batch_size is not None:
@@ -95,8 +97,12 @@ class VLPLitModule(pl.LightningModule):
         total = weights["itc"] * itc
         terms = {}
         if weights["itm"] > 0:
+            data_negatives = None
+            if weights["itm_data_negatives"] and batch.negative_tokens is not None:
+                data_negatives = batch.negative_tokens, batch.negative_index
             terms["itm"] = image_text_matching(self.model, out, batch.tokens, self.seed * 1_000_003 + self.global_step,
-                                               weights["itm_across_ranks"])
+                                               weights["itm_across_ranks"], weights["itm_false_negative_ratio"],
+                                               data_negatives)
         if weights["mlm"] > 0:
             terms["mlm"] = masked_language_modelling(self.model, out, batch.tokens, weights["mlm_probability"])
         self.log("train/itc_loss", itc)
@@ -150,7 +156,8 @@ class VLPLitModule(pl.LightningModule):
                 self._count_hard_negatives(out, batch)
         self._val_outputs.append((out.image_features.float(), out.text_features.float(), batch.labels))
         if self.model.fusion is not None and self.objectives["rerank_k"] > 0:
-            self._val_tokens.append((out.image_tokens, out.text_tokens, out.text_padding.to(torch.uint8)))
+            self._val_tokens.append((out.image_tokens, out.text_tokens, out.text_padding.to(torch.uint8),
+                                     out.text_cls_index))
 
     def _count_hard_negatives(self, out, batch: Batch) -> None:
         """Counts (image, caption, negative) triples whose true caption scores higher."""
@@ -159,10 +166,11 @@ class VLPLitModule(pl.LightningModule):
         true_cos = (out.image_features[owner] * out.text_features[owner]).sum(dim=1)
         counts = [hard_negative_correct(true_cos, (out.image_features[owner] * negatives).sum(dim=1)).sum()]
         if self.model.fusion is not None:
-            tokens, padding = self.model.encode_text_tokens(batch.negative_tokens)
             image_tokens = out.image_tokens[owner]
-            true_itm = itm_match_scores(self.model, image_tokens, out.text_tokens[owner], out.text_padding[owner])
-            counts.append(hard_negative_correct(true_itm, itm_match_scores(self.model, image_tokens, tokens, padding)).sum())
+            true_itm = itm_match_scores(self.model, image_tokens, out.text_tokens[owner], out.text_padding[owner],
+                                        out.text_cls_index[owner])
+            negative_itm = itm_match_scores(self.model, image_tokens, *self.model.encode_text_tokens(batch.negative_tokens))
+            counts.append(hard_negative_correct(true_itm, negative_itm).sum())
         else:
             counts.append(torch.zeros((), device=self.device))
         self._hard_negatives += torch.stack([*counts, torch.tensor(float(len(owner)), device=self.device)])
@@ -197,7 +205,7 @@ class VLPLitModule(pl.LightningModule):
 
     def _itm_rerank_recall(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
         """ALBEF's retrieval: top-k by contrastive similarity, re-scored by ITM; ranks split the queries."""
-        image_tokens, text_tokens, padding = (all_gather_no_grad(torch.cat(p)) for p in zip(*self._val_tokens))
+        image_tokens, text_tokens, padding, cls = (all_gather_no_grad(torch.cat(p)) for p in zip(*self._val_tokens))
         self._val_tokens.clear()
         padding = padding.bool()
         rank, world = world_info()
@@ -205,7 +213,7 @@ class VLPLitModule(pl.LightningModule):
         k, chunk = self.objectives["rerank_k"], 256
 
         def itm(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-            return torch.cat([itm_match_scores(self.model, image_tokens[i], text_tokens[t], padding[t])
+            return torch.cat([itm_match_scores(self.model, image_tokens[i], text_tokens[t], padding[t], cls[t])
                               for i, t in zip(images.split(chunk), texts.split(chunk))])
 
         with torch.autocast(self.device.type, enabled=False):

@@ -118,6 +118,17 @@ def test_val_odd_indices_carry_hard_negatives_with_the_same_words(val_samples):
         assert reversed_relation != caption
 
 
+def test_two_object_training_captions_carry_false_captions_with_the_same_words(train_samples):
+    with_negatives = 0
+    for _, caption, meta in train_samples:
+        for negative in meta.get("negatives") or []:
+            assert len(meta["objects"]) == 2 and negative != caption
+            names = set(COLOURS) | set(SHAPES)
+            assert _words(negative) & names == _words(caption) & names  # only who is what, or where, changed
+            with_negatives += 1
+    assert with_negatives > 50
+
+
 def test_captions_name_every_object_and_vary(train_samples, val_samples):
     captions = []
     for _, caption, meta in train_samples + val_samples:

@@ -83,7 +83,7 @@ def test_train_stream_yields_exactly_num_batches(tmp_path, workers, resampled):
     loader = DataLoader(stream, batch_size=None, num_workers=workers)
     batches = list(loader)
     assert len(batches) == len(loader) == 7
-    assert all(b.images.shape == (4, 3, 16, 16) and b.tokens.shape == (4, 77) for b in batches)
+    assert [(b.images.shape, b.tokens.shape) for b in batches] == [((4, 3, 16, 16), (4, TOKENIZER.context_length))] * 7
 
 
 def test_train_stream_shuffles_differently_per_epoch_and_repeats_with_the_same_position(tmp_path):

@@ -29,6 +29,7 @@ def test_token_outputs_come_with_unchanged_pooled_features(arch, tokens):
     assert out.image_tokens.shape[:2] == (3, tokens)  # ViT: 4x4 patches; ResNet: its 2x2 final map
     assert out.text_tokens.shape[:2] == text.shape
     assert torch.equal(out.text_padding, text == 0)
+    assert torch.equal(out.text_cls_index, (text == 49407).int().argmax(dim=1))  # CLIP pools its end of text
 
 
 def test_hf_text_tower_gives_tokens(tiny_hf_arch):
@@ -36,6 +37,7 @@ def test_hf_text_tower_gives_tokens(tiny_hf_arch):
     text = model.tokenizer(CAPTIONS)
     out = model(torch.randn(3, 3, 64, 64), text)
     assert out.text_tokens.shape[:2] == text.shape and torch.equal(out.text_padding, text == 0)
+    assert (out.text_cls_index == 0).all()  # BERT's [CLS]
     assert model.mask_token_id == model.tokenizer.tokenizer.mask_token_id  # BERT has its own [MASK]
     assert model.fuse(torch.randn(3, 3, 64, 64), text).cls.shape == (3, 32)
 
@@ -46,13 +48,13 @@ def test_fusion_reads_both_modalities_and_ignores_padding(fusion):
     images, text = torch.randn(3, 3, 64, 64), model.tokenizer(CAPTIONS)
     with torch.no_grad():
         out = model(images, text)
-        fused = model.fusion(out.image_tokens, out.text_tokens, out.text_padding)
+        fused = model.fusion(out.image_tokens, out.text_tokens, out.text_padding, out.text_cls_index)
         assert fused.text.shape == (3, text.shape[1], 32) and fused.cls.shape == (3, 32)
         assert (fused.image is None) == (fusion is CrossAttentionFusion)
         garbage = out.text_tokens.masked_fill(out.text_padding[..., None], 7.0)
-        again = model.fusion(out.image_tokens, garbage, out.text_padding)
+        again = model.fusion(out.image_tokens, garbage, out.text_padding, out.text_cls_index)
         torch.testing.assert_close(again.cls, fused.cls)  # padding is masked out
-        other_image = model.fusion(out.image_tokens.flip(0), out.text_tokens, out.text_padding)
+        other_image = model.fusion(out.image_tokens.flip(0), out.text_tokens, out.text_padding, out.text_cls_index)
         assert not torch.allclose(other_image.cls, fused.cls)  # the [CLS] sees the image
 
 
@@ -85,7 +87,7 @@ def test_wrong_image_size_is_reported():
     model = fusion_model()
     out = model(torch.randn(1, 3, 64, 64), model.tokenizer(["x"]))
     with pytest.raises(ValueError, match="16 image tokens"):
-        model.fusion(out.image_tokens[:, :9], out.text_tokens, out.text_padding)
+        model.fusion(out.image_tokens[:, :9], out.text_tokens, out.text_padding, out.text_cls_index)
 
 
 def test_width_must_divide_into_heads():

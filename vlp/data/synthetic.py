@@ -6,7 +6,9 @@ shape) pairs in HELDOUT. In the "val" split, even indices show one HELDOUT objec
 accuracy on them measures compositional generalisation; odd indices show two objects in a clear
 spatial relation, captioned "a red circle to the left of a blue square." and carrying hard
 negative captions in their json (`negatives`: colours swapped, relation reversed, objects
-swapped) that a bag of words cannot tell from the truth. Every sample is a pure function of
+swapped) that a bag of words cannot tell from the truth. Two-object training images carry
+negatives too (their caption with the colours swapped, and with the positions swapped where
+the caption says where things are), for objectives that train on them (ITM). Every sample is a pure function of
 (seed, split, index), so shard size and sample count never change a sample's content.
 """
 
@@ -45,7 +47,7 @@ SIZES = {"small": 0.12, "medium": 0.17, "large": 0.23}  # circumradius / image s
 SPLITS = {"train": 0, "val": 1}
 
 # Bump whenever rendering or captions change, so cached datasets get regenerated.
-_VERSION = 3  # 3: questions (qa)
+_VERSION = 4  # 4: questions (qa) beside 3's training negatives
 _SUPERSAMPLE = 4
 _MIN_IMAGE_SIZE = 16
 _HELDOUT_IDS = [CLASSNAMES.index(f"{c} {s}") for c, s in HELDOUT]
@@ -178,6 +180,27 @@ def _caption(rng, objects, background):
     return rng.choice(_FRAMES).format(f"{pa} and {pb}{suffix}")
 
 
+def _caption_with_negatives(rng, objects, background):
+    """A caption, and for two objects the same sentence with the colours swapped and with the
+    positions swapped, where that changes it: false for the image, the same bag of words."""
+    state = rng.bit_generator.state
+    caption = _caption(rng, objects, background)
+    if len(objects) == 1:
+        return caption, None
+    after = rng.bit_generator.state
+    a, b = objects
+    variants = [(dict(a, colour=b["colour"]), dict(b, colour=a["colour"])),
+                (dict(a, x=b["x"], y=b["y"], position=b["position"]), dict(b, x=a["x"], y=a["y"], position=a["position"]))]
+    negatives = []
+    for variant in variants:
+        rng.bit_generator.state = state  # the same choices of words and order
+        negative = _caption(rng, list(variant), background)
+        if negative != caption and negative not in negatives:
+            negatives.append(negative)
+    rng.bit_generator.state = after
+    return caption, negatives or None
+
+
 def render_sample(seed, split, index, image_size=64):
     """Renders one sample; a pure function of (seed, split, index).
 
@@ -211,8 +234,10 @@ def render_sample(seed, split, index, image_size=64):
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     grey = BACKGROUNDS[background] + int(rng.integers(-8, 9))
     image = _render(objects, (grey,) * 3, image_size)
-    caption = _caption(rng, objects, background) if negatives is None else _relation_caption(
-        *objects, _relation(*objects))
+    if negatives is None:
+        caption, negatives = _caption_with_negatives(rng, objects, background)
+    else:
+        caption = _relation_caption(*objects, _relation(*objects))
     public = ("colour", "shape", "size", "position", "class")
     meta = {"objects": [{k: o[k] for k in public} for o in objects], "background": background}
     meta["qa"] = questions(objects, _relation)  # VQA: vlp.tasks.vqa_data reads it

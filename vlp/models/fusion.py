@@ -8,8 +8,9 @@ Three classic designs, built from torch.nn's transformer layers (scaled-dot-prod
 
 Each is built by `VLPModel` from a partial (Hydra `_partial_: true`) that it completes with the
 towers' token widths and the number of image tokens. Every design returns fused text tokens,
-fused image tokens where it has them, and the fused [CLS]: the fused first text token (CLIP's
-start-of-text, BERT's [CLS]), as in all three papers.
+fused image tokens where it has them, and the fused [CLS]: the fused text token at the position
+the text tower pools (BERT's [CLS], CLIP's end of text), as in all three papers, where the text
+encoder's [CLS] is both the contrastive feature and the fused [CLS].
 """
 from typing import NamedTuple, Optional
 
@@ -19,6 +20,9 @@ from torch import Tensor
 
 
 class FusionOutput(NamedTuple):
+    """What every design returns from (image tokens (B, N, W_img), text tokens (B, L, W_txt),
+    text padding (B, L), cls_index (B,): the position of the text's [CLS])."""
+
     text: Tensor  # (B, L, W) fused text tokens
     image: Optional[Tensor]  # (B, N, W) fused image tokens; None where the design keeps none
     cls: Tensor  # (B, W) the fused [CLS]
@@ -61,9 +65,9 @@ class _Fusion(nn.Module):
         return layer_type(self.width, self.heads, 4 * self.width, self.dropout, activation="gelu",
                           batch_first=True, norm_first=True)
 
-    def _output(self, text: Tensor, image: Optional[Tensor]) -> FusionOutput:
+    def _output(self, text: Tensor, image: Optional[Tensor], cls_index: Tensor) -> FusionOutput:
         text = self.text_norm(text)
-        return FusionOutput(text, image, text[:, 0])
+        return FusionOutput(text, image, text[torch.arange(len(text), device=text.device), cls_index])
 
 
 class CrossAttentionFusion(_Fusion):
@@ -75,11 +79,11 @@ class CrossAttentionFusion(_Fusion):
         # a decoder layer without causal mask is exactly this block: self-attn, cross-attn, MLP
         self.layers = nn.ModuleList(self._layer(nn.TransformerDecoderLayer) for _ in range(layers))
 
-    def forward(self, image: Tensor, text: Tensor, text_padding: Tensor) -> FusionOutput:
+    def forward(self, image: Tensor, text: Tensor, text_padding: Tensor, cls_index: Tensor) -> FusionOutput:
         image, text = self.inputs(image, text)
         for layer in self.layers:
             text = layer(text, image, tgt_key_padding_mask=text_padding)
-        return self._output(text, None)
+        return self._output(text, None, cls_index)
 
 
 class MergedFusion(_Fusion):
@@ -92,14 +96,14 @@ class MergedFusion(_Fusion):
         self.layers = nn.ModuleList(self._layer(nn.TransformerEncoderLayer) for _ in range(layers))
         self.image_norm = nn.LayerNorm(width)
 
-    def forward(self, image: Tensor, text: Tensor, text_padding: Tensor) -> FusionOutput:
+    def forward(self, image: Tensor, text: Tensor, text_padding: Tensor, cls_index: Tensor) -> FusionOutput:
         image, text = self.inputs(image, text)
         L = text.shape[1]
         x = torch.cat([text + self.type_embedding[0], image + self.type_embedding[1]], dim=1)  # (B, L+N, W)
         padding = torch.cat([text_padding, text_padding.new_zeros(image.shape[:2])], dim=1)  # (B, L+N)
         for layer in self.layers:
             x = layer(x, src_key_padding_mask=padding)
-        return self._output(x[:, :L], self.image_norm(x[:, L:]))
+        return self._output(x[:, :L], self.image_norm(x[:, L:]), cls_index)
 
 
 class _CoAttentionLayer(nn.Module):
@@ -131,8 +135,8 @@ class CoAttentionFusion(_Fusion):
         self.layers = nn.ModuleList(_CoAttentionLayer(self) for _ in range(layers))
         self.image_norm = nn.LayerNorm(width)
 
-    def forward(self, image: Tensor, text: Tensor, text_padding: Tensor) -> FusionOutput:
+    def forward(self, image: Tensor, text: Tensor, text_padding: Tensor, cls_index: Tensor) -> FusionOutput:
         image, text = self.inputs(image, text)
         for layer in self.layers:
             text, image = layer(text, image, text_padding)
-        return self._output(text, self.image_norm(image))
+        return self._output(text, self.image_norm(image), cls_index)

@@ -23,6 +23,7 @@ class VLPOutput(NamedTuple):
     image_tokens: Optional[torch.Tensor] = None  # (B, N, W_img)
     text_tokens: Optional[torch.Tensor] = None  # (B, L, W_txt)
     text_padding: Optional[torch.Tensor] = None  # (B, L), True at padding
+    text_cls_index: Optional[torch.Tensor] = None  # (B,) position of the text's [CLS] (the pooled token)
 
     @property
     def logit_args(self) -> tuple[torch.Tensor, ...]:
@@ -100,7 +101,7 @@ class VLPModel(nn.Module):
         modes = self.image_tower.training, self.text_tower.training
         self.image_tower.eval(), self.text_tower.eval()  # BatchNorm must not learn from the blank image
         try:
-            return self._tokens(images, self.tokenizer(["a"]))[-3:]
+            return self._tokens(images, self.tokenizer(["a"]))[2:5]
         finally:
             self.image_tower.train(modes[0]), self.text_tower.train(modes[1])
 
@@ -114,8 +115,8 @@ class VLPModel(nn.Module):
     def _tokens(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Pooled features and token sequences of both towers, one pass each."""
         image_pooled, image_seq = image_tokens(self.image_tower, images)
-        text_pooled, text_seq, padding = text_tokens(self.text_tower, tokens)
-        return image_pooled, text_pooled, image_seq, text_seq, padding
+        text_pooled, *text_sequence = text_tokens(self.text_tower, tokens)
+        return image_pooled, text_pooled, image_seq, *text_sequence
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(_pooled(self.image_tower(images)), dim=-1)  # (B, D)
@@ -134,14 +135,14 @@ class VLPModel(nn.Module):
         return VLPOutput(F.normalize(image_pooled, dim=-1), F.normalize(text_pooled, dim=-1), self.scale(),
                          self.logit_bias, *sequences)
 
-    def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The text tower's token sequence (B, L, W_txt) and padding mask (B, L) of `tokens`."""
+    def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The text tower's token sequence (B, L, W_txt), padding mask (B, L) and [CLS] positions (B,)."""
         return text_tokens(self.text_tower, tokens)[1:]
 
     def fuse(self, images: torch.Tensor, tokens: torch.Tensor) -> FusionOutput:
         """Fuses images (B, 3, H, W) with token ids (B, L): both towers, then the fusion."""
         out = self(images, tokens)
-        return self.fusion(out.image_tokens, out.text_tokens, out.text_padding)
+        return self.fusion(out.image_tokens, out.text_tokens, out.text_padding, out.text_cls_index)
 
     def mlm_logits(self, fused_text: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (M, V) of fused text tokens (M, W), tied to the token embedding."""

@@ -33,15 +33,26 @@ def image_tokens(tower: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
     return out["image_features"], tokens
 
 
-def text_tokens(tower: nn.Module, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(pooled (B, D), tokens (B, L, W_txt), padding (B, L), True at padding) of a text tower."""
+def text_tokens(tower: nn.Module, text: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(pooled (B, D), tokens (B, L, W_txt), padding (B, L) True at padding, cls_index (B,)) of a
+    text tower; `cls_index` is the position it pools: its [CLS] (CLIP: end of text, BERT: [CLS])."""
     if isinstance(tower, HFTextEncoder):
         padding = text == tower.config.pad_token_id
         attention = (~padding).long()
         out = tower.transformer(input_ids=text, attention_mask=attention)
-        return tower.proj(tower.pooler(out, attention)), out.last_hidden_state, padding
+        cls_index = torch.full_like(text[:, 0], getattr(tower.pooler, "cls_token_position", 0))
+        return tower.proj(tower.pooler(out, attention)), out.last_hidden_state, padding, cls_index
     out = tower.forward_intermediates(text, indices=1, normalize_intermediates=True, output_fmt="NLC")
-    return out["text_features"], out["text_intermediates"][-1], text == tower.pad_id
+    return out["text_features"], out["text_intermediates"][-1], text == tower.pad_id, _pool_index(tower, text)
+
+
+def _pool_index(tower: TextTransformer, text: Tensor) -> Tensor:
+    """(B,) position of the token open_clip's text tower pools (`text_global_pool`)."""
+    if tower.pool_type == "argmax":  # the end of text has the highest id, an added [MASK] aside
+        return text.masked_fill(text >= tower.vocab_size, -1).argmax(dim=-1)
+    if tower.pool_type == "eos":
+        return (text == tower.eos_id).int().argmax(dim=-1)
+    return torch.full_like(text[:, 0], text.shape[1] - 1 if tower.pool_type == "last" else 0)
 
 
 def token_embedding(tower: nn.Module) -> nn.Embedding:
