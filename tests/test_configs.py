@@ -42,8 +42,10 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path, tiny_hf_arch
     assert isinstance(model, VLPModel)
     datamodule = instantiate(cfg.data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
     assert isinstance(datamodule, VLPDataModule)
-    lit = VLPLitModule(model, instantiate(cfg.loss), instantiate(cfg.optim), instantiate(cfg.scheduler))
-    assert lit.model is model
+    task = instantiate(cfg.task, _partial_=True)  # the task's LightningModule, as vlp-train builds it
+    lit = task(model, loss=instantiate(cfg.loss), optimizer=instantiate(cfg.optim),
+               scheduler=instantiate(cfg.scheduler))
+    assert isinstance(lit, VLPLitModule) and lit.model is model
     trainer_cfg = OmegaConf.to_container(cfg.trainer)
     trainer_cfg.update(accelerator="cpu", devices=1, strategy="auto")  # CI has one CPU device
     assert isinstance(instantiate(trainer_cfg, logger=False), pl.Trainer)

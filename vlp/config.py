@@ -91,6 +91,16 @@ class DataConf:
 
 
 @dataclass
+class VQADataConf(DataConf):
+    """Data for `task=vqa`: one example per question of a sample's `{key}.json` `qa` list."""
+
+    _target_: str = "vlp.tasks.vqa_data.VQADataModule"
+    num_answers: int = 1000  # top-k answers of the training shards: the classifier's width
+    answers_file: Optional[str] = None  # a json answer list to use instead (e.g. a run's answers.json)
+    qa_key: str = "json"
+
+
+@dataclass
 class OptimConf:
     _target_: str = "torch.optim.AdamW"
     _partial_: bool = True
@@ -159,6 +169,7 @@ class PathsConf:
 class TrainConf:
     model: ModelConf = field(default_factory=ModelConf)
     data: DataConf = field(default_factory=DataConf)
+    task: Dict[str, Any] = field(default_factory=dict)  # the LightningModule (conf/task/); tasks differ in arguments
     loss: Dict[str, Any] = field(default_factory=dict)  # losses differ in their arguments
     objectives: ObjectivesConf = field(default_factory=ObjectivesConf)
     optim: OptimConf = field(default_factory=OptimConf)
@@ -193,3 +204,4 @@ class EvalConf:
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConf)
     ConfigStore.instance().store(name="eval_schema", node=EvalConf)
+    ConfigStore.instance().store(group="data", name="vqa_schema", node=VQADataConf)

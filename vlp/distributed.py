@@ -183,3 +183,12 @@ def ring_exchange_with_grad(x: Tensor) -> Iterator[Tensor]:
         yield to_left  # rank + k's, received from the right; passed on leftwards
     if world % 2 == 0:  # the opposite rank, rank + W/2, is as far one way as the other
         yield _NeighbourExchange.apply((right,), (left,), to_right)[0]
+
+
+def all_gather_objects(items: list) -> list:
+    """Every rank's picklable items concatenated in rank order (the items themselves without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(items)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]

@@ -1,4 +1,4 @@
-"""`vlp-train`: contrastive pretraining from a Hydra config.
+"""`vlp-train`: contrastive pretraining, or a downstream task (`task=vqa|caption`), from a Hydra config.
 
     vlp-train                                   # small CLIP on the synthetic data, on CPU
     vlp-train model=clip_tiny trainer.max_steps=200
@@ -24,10 +24,9 @@ from omegaconf.errors import MissingMandatoryValue
 from vlp.checkpoint import load_weights, weights_loaded_later
 from vlp.checkpoint_io import StreamingCheckpointIO
 from vlp.config import CONF_DIR, register_configs
-from vlp.lit import VLPLitModule
 from vlp.loggers import build_loggers
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vlp.train")  # not "__main__" under `python -m`: the vlp logging config applies
 register_configs()
 
 
@@ -45,7 +44,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.init_from:  # weights only: this run's optimiser and schedule start fresh at step 0
         log.info("init_from: %s", load_weights(model, cfg.init_from))
     datamodule = instantiate(cfg.data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
-    lit = VLPLitModule(
+    task = instantiate(cfg.task, _partial_=True)  # the task's LightningModule (conf/task/): pretrain, vqa, caption
+    lit = task(
         model,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optim),

@@ -27,6 +27,8 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from vlp.data.synthetic_vqa import questions
+
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
     "red": (220, 30, 30), "orange": (255, 140, 0), "yellow": (245, 220, 0),
@@ -45,7 +47,7 @@ SIZES = {"small": 0.12, "medium": 0.17, "large": 0.23}  # circumradius / image s
 SPLITS = {"train": 0, "val": 1}
 
 # Bump whenever rendering or captions change, so cached datasets get regenerated.
-_VERSION = 3
+_VERSION = 4  # 4: questions (qa) beside 3's training negatives
 _SUPERSAMPLE = 4
 _MIN_IMAGE_SIZE = 16
 _HELDOUT_IDS = [CLASSNAMES.index(f"{c} {s}") for c, s in HELDOUT]
@@ -238,6 +240,7 @@ def render_sample(seed, split, index, image_size=64):
         caption = _relation_caption(*objects, _relation(*objects))
     public = ("colour", "shape", "size", "position", "class")
     meta = {"objects": [{k: o[k] for k in public} for o in objects], "background": background}
+    meta["qa"] = questions(objects, _relation)  # VQA: vlp.tasks.vqa_data reads it
     if negatives:
         meta["negatives"] = negatives
     return image, caption, meta

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence,
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ MAX_CONSECUTIVE_FAILURES = 1000  # past this the data is unreadable, not noisy
 class Batch(NamedTuple):
     images: torch.Tensor  # (B, 3, H, W)
     tokens: torch.Tensor  # (B, L)
-    labels: torch.Tensor  # (B,) class index from `.cls`, -1 where absent
+    labels: torch.Tensor  # (B,) class index from `.cls`, -1 where absent; a task's decoder may give a dict of them
     skipped: int  # samples skipped since the previous batch of this worker
     negative_tokens: Optional[torch.Tensor] = None  # (M, L) hard negative captions of the batch's samples
     negative_index: Optional[torch.Tensor] = None  # (M,) the sample each negative belongs to
@@ -109,17 +109,21 @@ class SampleDecoder:
         self.meta_key = meta_key
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, str, int, list[str]]:
-        image_key = next((k for k in self.image_keys if k in sample), None)
-        if image_key is None:
-            raise KeyError(f"no image ({';'.join(self.image_keys)}) in sample {sample.get('__key__')}")
         if self.caption_key not in sample:
             raise KeyError(f"no caption ({self.caption_key}) in sample {sample.get('__key__')}")
-        with Image.open(io.BytesIO(sample[image_key])) as image:
-            image = self.transform(image.convert("RGB"))
+        image = self.image(sample)
         caption = sample[self.caption_key].decode("utf-8")
         label = int(sample[self.label_key]) if self.label_key in sample else -1
         negatives = json.loads(sample[self.meta_key]).get("negatives", []) if self.meta_key in sample else []
         return image, caption, label, negatives
+
+    def image(self, sample: dict) -> torch.Tensor:
+        """The sample's transformed image (3, H, W)."""
+        image_key = next((k for k in self.image_keys if k in sample), None)
+        if image_key is None:
+            raise KeyError(f"no image ({';'.join(self.image_keys)}) in sample {sample.get('__key__')}")
+        with Image.open(io.BytesIO(sample[image_key])) as image:
+            return self.transform(image.convert("RGB"))
 
 
 class _FailureCounter:
@@ -145,14 +149,16 @@ def _batches(samples: Iterable[dict], decode: SampleDecoder, tokenizer: Callable
     decoded = []
     for sample in samples:
         try:
-            decoded.append(decode(sample))
+            examples = decode(sample)  # one example, or a list of them (e.g. one per question)
         except Exception as exn:  # a bad sample is skipped and counted, never fatal
             failures(exn)
             continue
         failures.consecutive = 0
-        if len(decoded) == batch_size:
-            yield _collate(decoded, tokenizer, failures)
-            decoded = []
+        for example in examples if isinstance(examples, list) else [examples]:
+            decoded.append(example)
+            if len(decoded) == batch_size:
+                yield _collate(decoded, tokenizer, failures)
+                decoded = []
     if partial and decoded:
         yield _collate(decoded, tokenizer, failures)
 
@@ -160,7 +166,7 @@ def _batches(samples: Iterable[dict], decode: SampleDecoder, tokenizer: Callable
 def _collate(decoded, tokenizer, failures) -> Batch:
     skipped, failures.pending = failures.pending, 0
     images, captions, labels, negatives = zip(*decoded)
-    batch = Batch(torch.stack(images), tokenizer(list(captions)), torch.tensor(labels), skipped)
+    batch = Batch(torch.stack(images), tokenizer(list(captions)), default_collate(list(labels)), skipped)
     owners = [i for i, captions in enumerate(negatives) for _ in captions]
     if not owners:
         return batch

@@ -1,4 +1,6 @@
-"""Heads on the fused tokens: image-text matching (ITM) and masked language modelling (MLM)."""
+"""Heads on the fused tokens: image-text matching (ITM), masked language modelling (MLM), VQA answers."""
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,3 +36,23 @@ class MLMHead(nn.Module):
 
     def forward(self, tokens: Tensor, embedding: Tensor) -> Tensor:
         return self.norm(F.gelu(self.dense(tokens))) @ embedding.T + self.bias  # (M, V)
+
+
+class VQAHead(nn.Module):
+    """Fused [CLS] (B, W) -> answer logits (B, K): the two-layer answer classifier of LXMERT / ALBEF.
+
+    Args:
+        width: fusion width W (`model.fusion.width`); None (a model without fusion) raises.
+        num_answers: answer vocabulary size K.
+    """
+
+    def __init__(self, width: Optional[int], num_answers: int):
+        super().__init__()
+        if width is None:
+            raise ValueError("VQA needs a fusion model: add fusion=cross_attention|merged|co_attention "
+                             "(the answer head reads the fused [CLS])")
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.LayerNorm(2 * width),
+                                 nn.Linear(2 * width, num_answers))
+
+    def forward(self, cls: Tensor) -> Tensor:
+        return self.mlp(cls)

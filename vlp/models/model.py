@@ -142,10 +142,10 @@ class VLPModel(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return F.normalize(self.image_tower(images), dim=-1)  # (B, D)
+        return F.normalize(_pooled(self.image_tower(images)), dim=-1)  # (B, D)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_tower(tokens), dim=-1)  # (B, D)
+        return F.normalize(_pooled(self.text_tower(tokens)), dim=-1)  # (B, D)
 
     def scale(self) -> torch.Tensor:
         """The logit multiplier; clamped, so its gradient stops at the cap, as in open_clip."""
@@ -170,3 +170,8 @@ class VLPModel(nn.Module):
     def mlm_logits(self, fused_text: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (M, V) of fused text tokens (M, W), tied to the token embedding."""
         return self.heads["mlm"](fused_text, token_embedding(self.text_tower).weight)
+
+
+def _pooled(output):
+    """A tower's pooled features; towers built with `output_tokens` (CoCa's) return (pooled, tokens)."""
+    return output[0] if isinstance(output, tuple) else output

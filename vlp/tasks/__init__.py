@@ -1,0 +1,1 @@
+"""Downstream tasks on a VLPModel: one small LightningModule each (Lightning glue, chosen by `task=`)."""
