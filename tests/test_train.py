@@ -134,3 +134,26 @@ def test_bad_input_is_reported_in_one_line_without_a_traceback(tmp_path, data_di
     assert proc.returncode == 1
     output = proc.stdout + proc.stderr
     assert message in output and "Traceback" not in output
+
+
+def test_a_diverged_run_stops_with_its_last_good_checkpoint_intact(tmp_path, data_dir):
+    # a NaN learning rate after 3 warmup steps: the weights turn NaN at step 4, the loss after it
+    run = tmp_path / "run"
+    proc = run_cli(f"hydra.run.dir={run}", f"paths.data_dir={data_dir}", "trainer.max_steps=8",
+                   "trainer.val_check_interval=8", "trainer.limit_val_batches=1", "scheduler.warmup_steps=3",
+                   "scheduler.min_lr_ratio=nan", "callbacks.checkpoint.every_n_train_steps=2")
+    assert proc.returncode != 0
+    assert "DivergedError: the weights became NaN or inf by step 4" in proc.stderr
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_the_logit_scale_comes_back_down_from_the_cap(tmp_path, data_dir):
+    # open_clip clamps the parameter after the step; clamping the forward would freeze it at the cap
+    run = tmp_path / "run"
+    vlp_train(run, data_dir, "model.init_logit_scale=100", "optim.lr=0.05", "trainer.max_steps=4",
+              "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1")
+    scales = logged(run, "train/logit_scale")
+    assert scales[0] == pytest.approx(100, rel=1e-5)
+    assert scales[3] < 95

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from vlp.config import register_configs
+from vlp.guards import StopOnNonFiniteLoss
 from vlp.lit import VLPLitModule
 from vlp.loggers import build_loggers
 
@@ -48,7 +49,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         param_group_options=OmegaConf.to_container(cfg.param_groups),
         micro_batch_size=cfg.micro_batch_size,
     )
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] + [StopOnNonFiniteLoss()]
     loggers = build_loggers(cfg.logger, str(run_dir))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
