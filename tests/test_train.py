@@ -38,11 +38,13 @@ def cli(*args, timeout=600):
 def run_cli(*args, timeout=600):
     """Runs `vlp-train` with small-data defaults; flags (e.g. -m) go first, as Hydra wants."""
     flags, overrides = [a for a in args if a.startswith("-")], [a for a in args if not a.startswith("-")]
-    cmd = [sys.executable, "-m", "vlp.train", *flags,
-           f"data.prepare.train_samples={TRAIN_SAMPLES}", f"data.prepare.val_samples={VAL_SAMPLES}",
-           "data.prepare.samples_per_shard=256", f"data.train.num_samples={TRAIN_SAMPLES}",
-           "data.batch_size=32", "data.num_workers=0", "logger=csv", "trainer.enable_progress_bar=false",
-           "trainer.enable_model_summary=false", "scheduler.warmup_steps=5", *overrides]
+    defaults = [f"data.prepare.train_samples={TRAIN_SAMPLES}", f"data.prepare.val_samples={VAL_SAMPLES}",
+                "data.prepare.samples_per_shard=256", f"data.train.num_samples={TRAIN_SAMPLES}",
+                "data.batch_size=32", "data.num_workers=0", "logger=csv", "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false", "scheduler.warmup_steps=5"]
+    given = {o.split("=", 1)[0] for o in overrides}  # vlp-train rejects a key given twice
+    cmd = [sys.executable, "-m", "vlp.train", *flags, *(d for d in defaults if d.split("=", 1)[0] not in given),
+           *overrides]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 

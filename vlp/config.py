@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
+from vlp.rundir import register_run_name_resolver
+
 
 @dataclass
 class TowersConf:
@@ -121,7 +123,7 @@ class TrainerConf:
     enable_model_summary: bool = True
     fast_dev_run: Any = False
     profiler: Any = None
-    default_root_dir: Optional[str] = None
+    default_root_dir: Optional[str] = II("paths.run_dir")  # where Lightning's SLURM requeue saves hpc_ckpt_N.ckpt
     sync_batchnorm: bool = False
 
 
@@ -152,3 +154,4 @@ class TrainConf:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConf)
+    register_run_name_resolver()  # conf/hydra/default.yaml names the run directory with it
