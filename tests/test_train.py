@@ -112,9 +112,13 @@ def test_wandb_runs_offline_without_an_account(tmp_path, data_dir, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     run = tmp_path / "run"
-    vlp_train(run, data_dir, "logger=wandb", "trainer.max_steps=2", "trainer.val_check_interval=2",
-              "trainer.limit_val_batches=1")
-    assert list((run / "wandb").glob("offline-run-*"))
+    common = ["logger=wandb", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "ckpt_path=auto"]
+    vlp_train(run, data_dir, "trainer.max_steps=2", *common)
+    run_id = (run / "wandb_id").read_text().strip()
+    assert [p.name.endswith(run_id) for p in (run / "wandb").glob("offline-run-*")] == [True]
+    vlp_train(run, data_dir, "trainer.max_steps=4", *common)  # resumed into its directory: the same wandb run
+    assert (run / "wandb_id").read_text().strip() == run_id
+    assert all(p.name.endswith(run_id) for p in (run / "wandb").glob("offline-run-*"))
 
 
 def test_multirun_sweeps_into_one_run_directory_per_job(tmp_path, data_dir):

@@ -1,5 +1,5 @@
-"""Resume that continues: which checkpoint `ckpt_path=auto` means, atomic checkpoint writes, and
-every rank's random state carried in the checkpoint (Lightning glue).
+"""Resume that continues: which checkpoint `ckpt_path=auto` means, atomic checkpoint writes saved
+after their step is logged, and every rank's random state carried in the checkpoint (Lightning glue).
 """
 import logging
 import os
@@ -11,7 +11,10 @@ import pytorch_lightning as pl
 import numpy as np
 import torch
 import torch.distributed as dist
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from vlp.rundir import slurm_batch_job
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +22,11 @@ log = logging.getLogger(__name__)
 def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
     """The checkpoint to resume from: a path as given, or for `auto` the newest in the run directory.
 
-    `auto` (the default under SLURM, where `ckpt_path` is null) picks the later, by global step, of
+    `auto` (the default in a SLURM batch job, where `ckpt_path` is null) picks the later, by global step, of
     `checkpoints/last.ckpt` and the `hpc_ckpt_N.ckpt` that Lightning saves on SLURM's requeue signal;
     with neither, the run starts fresh.
     """
-    if ckpt_path is None and os.environ.get("SLURM_JOB_ID"):
+    if ckpt_path is None and slurm_batch_job():
         ckpt_path = "auto"  # a requeued job continues its own run
     if ckpt_path != "auto":
         return ckpt_path
@@ -42,16 +45,27 @@ def global_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
 
 
-def first_logged_step(ckpt_path: Optional[str]) -> Optional[int]:
-    """The logger step of the first batch a run resumed from this checkpoint logs (None: a fresh run).
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint`, saving once a step's metrics are logged, and last.ckpt at the end.
 
-    Log rows at or after it, written after the checkpoint by the run that was interrupted, are
-    logged again by the resumed run.
+    Lightning saves in `on_train_batch_end`, before the step's metrics reach the loggers: a kill
+    just after would lose that step's log row, which the resumed run, starting after the step,
+    does not log again. Saving at the start of the next batch saves the same weights after the
+    row is written. Lightning also skips the final `last.ckpt` when an earlier one exists.
     """
-    if ckpt_path is None:
-        return None
-    loops = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)["loops"]
-    return int(loops["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"])
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        pass  # saved at the next batch's start instead
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, None, batch, batch_idx)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -4,7 +4,7 @@
 what every process of one run shares, whoever launched it:
 
 1. `VLP_RUN_NAME`, when set (a name of your choosing; export it before launching);
-2. under SLURM, the job (and array task) id, plus the step id under `srun`: `slurm-1234`,
+2. in a SLURM batch job, the job (and array task) id, plus the step id under `srun`: `slurm-1234`,
    `slurm-1234.0`. A requeued job keeps its id, so it finds its own run directory again;
 3. under torchrun with a rendezvous id (`--rdzv-id`, or the one `--standalone` draws):
    `torchrun-<id>`;
@@ -30,7 +30,7 @@ def run_name() -> str:
     """The name of this run's directory under `runs/`, the same in every process of the run."""
     if explicit := os.environ.get("VLP_RUN_NAME"):
         return explicit
-    if slurm := _slurm_job():
+    if slurm := slurm_batch_job():
         step = os.environ.get("SLURM_STEP_ID")
         return f"slurm-{slurm}" + (f".{step}" if step else "")
     elastic = os.environ.get("TORCHELASTIC_RUN_ID")
@@ -39,7 +39,11 @@ def run_name() -> str:
     return _agreed_start_time()
 
 
-def _slurm_job() -> Optional[str]:
+def slurm_batch_job() -> Optional[str]:
+    """The SLURM job (array jobs: `job_task`) this process runs in; None outside SLURM and in an
+    interactive allocation (`salloc`, `srun --pty bash`), where commands are not one run."""
+    if os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):  # as Lightning's SLURMEnvironment
+        return None
     if array_job := os.environ.get("SLURM_ARRAY_JOB_ID"):
         return f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
     return os.environ.get("SLURM_JOB_ID")

@@ -26,7 +26,7 @@ from vlp.config import register_configs
 from vlp.guards import StopOnNonFiniteLoss
 from vlp.lit import VLPLitModule
 from vlp.loggers import build_loggers
-from vlp.resume import AtomicCheckpointIO, RankRngStates, first_logged_step, resolve_ckpt_path
+from vlp.resume import AtomicCheckpointIO, RankRngStates, global_step, resolve_ckpt_path
 from vlp.rundir import keep_launch_config
 from vlp.sweep import in_sweep, record_failure, reject_lightning_spawner
 
@@ -68,7 +68,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
         callbacks += [StopOnNonFiniteLoss(), RankRngStates(), training]
-        loggers = build_loggers(cfg.logger, str(run_dir), resume_step=first_logged_step(ckpt_path))
+        loggers = build_loggers(cfg.logger, str(run_dir), resume_step=global_step(ckpt_path) if ckpt_path else None)
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                               plugins=[AtomicCheckpointIO()])
         reject_lightning_spawner(trainer)
