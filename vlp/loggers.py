@@ -22,8 +22,9 @@ def wandb_account_configured() -> bool:
         return False
 
 
-def build_loggers(cfg: Optional[Mapping], run_dir: str, resume_step: Optional[int] = None) -> list[Logger]:
-    """Instantiates each configured logger; a resumed run (`resume_step`, its first logger step) continues its logs."""
+def build_loggers(cfg: Optional[Mapping], run_dir: str, resume_step: int = 0) -> list[Logger]:
+    """Instantiates each configured logger; logs already in `run_dir` are kept up to `resume_step`
+    (the global step of the checkpoint a run resumes from; 0 for a fresh start)."""
     loggers = []
     for name, logger_cfg in (cfg or {}).items():
         if logger_cfg is None:

@@ -34,7 +34,8 @@ class AppendingCSVLogger(CSVLogger):
     """`CSVLogger` that continues `metrics.csv`; rows from `resume_step` on are dropped first.
 
     Args:
-        resume_step: the first logger step of a resumed run; None for a fresh run.
+        resume_step: the global step a resumed run starts at (the rows from it on were written
+            after its checkpoint and are logged again); 0 for a fresh start, None to keep all rows.
         **kwargs: `CSVLogger` arguments.
     """
 
@@ -71,12 +72,12 @@ def _write_rows(path: Path, fieldnames: list[str], rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def continuation_kwargs(target: str, run_dir: str, resume_step: Optional[int]) -> dict[str, Any]:
+def continuation_kwargs(target: str, run_dir: str, resume_step: int) -> dict[str, Any]:
     """Extra arguments that make the logger class `target` continue the run in `run_dir`."""
     name = target.rsplit(".", 1)[-1]
     if name == "AppendingCSVLogger":
         return {"resume_step": resume_step}
-    if name == "TensorBoardLogger" and resume_step is not None:
+    if name == "TensorBoardLogger":
         return {"purge_step": resume_step}  # SummaryWriter hides the events from this step on
     if name == "WandbLogger":
         return {"id": wandb_run_id(Path(run_dir)), "resume": "allow"}

@@ -1,5 +1,5 @@
-"""Resume that continues: which checkpoint `ckpt_path=auto` means, atomic checkpoint writes saved
-after their step is logged, and every rank's random state carried in the checkpoint (Lightning glue).
+"""Resume that continues: which checkpoint `ckpt_path=auto` means, atomic checkpoint writes, a
+last.ckpt at the final step, and every rank's random state in the checkpoint (Lightning glue).
 """
 import logging
 import os
@@ -46,20 +46,11 @@ def global_step(path: Path) -> int:
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """Lightning's `ModelCheckpoint`, saving once a step's metrics are logged, and last.ckpt at the end.
+    """Lightning's `ModelCheckpoint` that also saves `last.ckpt` at the final step.
 
-    Lightning saves in `on_train_batch_end`, before the step's metrics reach the loggers: a kill
-    just after would lose that step's log row, which the resumed run, starting after the step,
-    does not log again. Saving at the start of the next batch saves the same weights after the
-    row is written. Lightning also skips the final `last.ckpt` when an earlier one exists.
+    Lightning saves `last.ckpt` at the end of training only when it never saved one before, so
+    a run whose last step is not a multiple of `every_n_train_steps` would end on an older one.
     """
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        pass  # saved at the next batch's start instead
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, None, batch, batch_idx)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step and not self._should_skip_saving_checkpoint(trainer):

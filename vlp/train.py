@@ -68,7 +68,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
         callbacks += [StopOnNonFiniteLoss(), RankRngStates(), training]
-        loggers = build_loggers(cfg.logger, str(run_dir), resume_step=global_step(ckpt_path) if ckpt_path else None)
+        loggers = build_loggers(cfg.logger, str(run_dir), resume_step=global_step(ckpt_path) if ckpt_path else 0)
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                               plugins=[AtomicCheckpointIO()])
         reject_lightning_spawner(trainer)
