@@ -7,6 +7,7 @@ TensorBoard writer purges the same steps, and wandb resumes the same run, whose 
 """
 import csv
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -89,9 +90,7 @@ def wandb_run_id(run_dir: Path) -> str:
     path = run_dir / "wandb_id"
     if path.is_file():
         return path.read_text().strip()
-    from wandb.util import generate_id
-
-    run_id = generate_id()
+    run_id = uuid.uuid4().hex[:8]  # wandb's own ids are 8 characters of [a-z0-9]
     if rank_zero_only.rank == 0:  # only rank 0 logs to wandb
         run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id + "\n")
