@@ -46,7 +46,7 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path, tiny_hf_arch
     lit = task(model, loss=instantiate(cfg.loss), optimizer=instantiate(cfg.optim),
                scheduler=instantiate(cfg.scheduler))
     assert isinstance(lit, VLPLitModule) and lit.model is model
-    trainer_cfg = OmegaConf.to_container(cfg.trainer)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.update(accelerator="cpu", devices=1, strategy="auto")  # CI has one CPU device
     assert isinstance(instantiate(trainer_cfg, logger=False), pl.Trainer)
     assert all(instantiate(c) for c in cfg.callbacks.values())

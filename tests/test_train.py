@@ -38,11 +38,13 @@ def cli(*args, timeout=600):
 def run_cli(*args, timeout=600):
     """Runs `vlp-train` with small-data defaults; flags (e.g. -m) go first, as Hydra wants."""
     flags, overrides = [a for a in args if a.startswith("-")], [a for a in args if not a.startswith("-")]
-    cmd = [sys.executable, "-m", "vlp.train", *flags,
-           f"data.prepare.train_samples={TRAIN_SAMPLES}", f"data.prepare.val_samples={VAL_SAMPLES}",
-           "data.prepare.samples_per_shard=256", f"data.train.num_samples={TRAIN_SAMPLES}",
-           "data.batch_size=32", "data.num_workers=0", "logger=csv", "trainer.enable_progress_bar=false",
-           "trainer.enable_model_summary=false", "scheduler.warmup_steps=5", *overrides]
+    defaults = [f"data.prepare.train_samples={TRAIN_SAMPLES}", f"data.prepare.val_samples={VAL_SAMPLES}",
+                "data.prepare.samples_per_shard=256", f"data.train.num_samples={TRAIN_SAMPLES}",
+                "data.batch_size=32", "data.num_workers=0", "logger=csv", "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false", "scheduler.warmup_steps=5"]
+    given = {o.split("=", 1)[0] for o in overrides}  # vlp-train rejects a key given twice
+    cmd = [sys.executable, "-m", "vlp.train", *flags, *(d for d in defaults if d.split("=", 1)[0] not in given),
+           *overrides]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -110,9 +112,13 @@ def test_wandb_runs_offline_without_an_account(tmp_path, data_dir, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     run = tmp_path / "run"
-    vlp_train(run, data_dir, "logger=wandb", "trainer.max_steps=2", "trainer.val_check_interval=2",
-              "trainer.limit_val_batches=1")
-    assert list((run / "wandb").glob("offline-run-*"))
+    common = ["logger=wandb", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "ckpt_path=auto"]
+    vlp_train(run, data_dir, "trainer.max_steps=2", *common)
+    run_id = (run / "wandb_id").read_text().strip()
+    assert [p.name.endswith(run_id) for p in (run / "wandb").glob("offline-run-*")] == [True]
+    vlp_train(run, data_dir, "trainer.max_steps=4", *common)  # resumed into its directory: the same wandb run
+    assert (run / "wandb_id").read_text().strip() == run_id
+    assert all(p.name.endswith(run_id) for p in (run / "wandb").glob("offline-run-*"))
 
 
 def test_multirun_sweeps_into_one_run_directory_per_job(tmp_path, data_dir):
@@ -135,3 +141,26 @@ def test_bad_input_is_reported_in_one_line_without_a_traceback(tmp_path, data_di
     assert proc.returncode == 1
     output = proc.stdout + proc.stderr
     assert message in output and "Traceback" not in output
+
+
+def test_a_diverged_run_stops_with_its_last_good_checkpoint_intact(tmp_path, data_dir):
+    # a NaN learning rate after 3 warmup steps: the weights turn NaN at step 4, the loss after it
+    run = tmp_path / "run"
+    proc = run_cli(f"hydra.run.dir={run}", f"paths.data_dir={data_dir}", "trainer.max_steps=8",
+                   "trainer.val_check_interval=8", "trainer.limit_val_batches=1", "scheduler.warmup_steps=3",
+                   "scheduler.min_lr_ratio=nan", "callbacks.checkpoint.every_n_train_steps=2")
+    assert proc.returncode != 0
+    assert "DivergedError: the weights became NaN or inf by step 4" in proc.stderr
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_the_logit_scale_comes_back_down_from_the_cap(tmp_path, data_dir):
+    # open_clip clamps the parameter after the step; clamping the forward would freeze it at the cap
+    run = tmp_path / "run"
+    vlp_train(run, data_dir, "model.init_logit_scale=100", "optim.lr=0.05", "trainer.max_steps=4",
+              "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1")
+    scales = logged(run, "train/logit_scale")
+    assert scales[0] == pytest.approx(100, rel=1e-5)
+    assert scales[3] < 95

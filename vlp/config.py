@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
+from vlp.rundir import register_run_name_resolver
+
 _PACKAGE = Path(__file__).resolve().parent
 # installed (pip install ., a wheel): the package data vlp/conf; a source tree: conf/ beside vlp/
 CONF_DIR = str(next((d for d in (_PACKAGE / "conf", _PACKAGE.parent / "conf") if (d / "train.yaml").is_file()),
@@ -155,7 +157,7 @@ class TrainerConf:
     enable_model_summary: bool = True
     fast_dev_run: Any = False
     profiler: Any = None
-    default_root_dir: Optional[str] = None
+    default_root_dir: Optional[str] = II("paths.run_dir")  # where Lightning's SLURM requeue saves hpc_ckpt_N.ckpt
     sync_batchnorm: bool = False
 
 
@@ -205,3 +207,4 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConf)
     ConfigStore.instance().store(name="eval_schema", node=EvalConf)
     ConfigStore.instance().store(group="data", name="vqa_schema", node=VQADataConf)
+    register_run_name_resolver()  # conf/hydra/default.yaml names the run directory with it

@@ -16,6 +16,31 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
 
 
+class PositionedLoader(DataLoader):
+    """The training loader; its stream position (epoch, step) travels in Lightning's checkpoints.
+
+    On resume the stream restarts at that position with a new shuffle seeded by it (see
+    `TrainStream`): the step count and epoch boundaries continue, no sequence is replayed.
+    With `resampled=true` (shards drawn with replacement) the data then follow the same
+    distribution as an uninterrupted run; with `resampled=false` each reader starts a new pass
+    over its shards, so in the interrupted epoch some samples may be seen twice and others not.
+
+    Args:
+        position: () -> (epoch, global step) at the time a checkpoint is saved.
+    """
+
+    def __init__(self, dataset: TrainStream, *args, position: Callable[[], tuple[int, int]], **kwargs):
+        super().__init__(dataset, *args, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, step = self.position()
+        return {"epoch": epoch, "step": step}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.dataset.set_position(state_dict["epoch"], state_dict["step"])
+
+
 class VLPDataModule(pl.LightningDataModule):
     """Image-text shards for training and validation.
 
@@ -98,16 +123,19 @@ class VLPDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None:  # a resumed run continues with a fresh stream
             self.train_set.set_position(self.trainer.current_epoch, self.trainer.global_step)
-        return self._loader(self.train_set)
+        return self._loader(self.train_set, PositionedLoader, position=self._position)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set) if self.val_set is not None else []
 
-    def _loader(self, dataset) -> DataLoader:
+    def _position(self) -> tuple[int, int]:
+        return self.trainer.current_epoch, self.trainer.global_step
+
+    def _loader(self, dataset, loader_class=DataLoader, **kwargs) -> DataLoader:
         # the streams batch; the loader must not batch again
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available(),
-                          prefetch_factor=self.prefetch_factor if self.num_workers else None)
+        return loader_class(dataset, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=torch.cuda.is_available(),
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None, **kwargs)
 
     def zeroshot_prompts(self) -> Optional[tuple[list[str], list[str]]]:
         """(classnames, templates) for zero-shot classification, or None."""

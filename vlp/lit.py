@@ -147,6 +147,7 @@ class VLPLitModule(pl.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        self.model.clamp_logit_scale_()  # after the optimiser step, as open_clip does
         # per device and including data loading, like open_clip's samples_per_second_per_gpu
         now = time.perf_counter()
         if self._last_step_end is not None:

@@ -5,12 +5,15 @@
     vlp-train trainer=ddp trainer.devices=2      # 2 processes (gloo on CPU, NCCL on GPU)
     vlp-train ckpt_path=runs/x/checkpoints/last.ckpt   # resume
     vlp-train init_from=runs/x/checkpoints/last.ckpt   # a new run from its weights
+    vlp-train hydra.run.dir=runs/x ckpt_path=auto      # resume runs/x from its last checkpoint, if any
     vlp-train -m optim.lr=1e-4,3e-4             # sweep
 """
 import json
 import logging
 import os
 import sys
+import traceback
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -19,48 +22,64 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 from vlp.checkpoint import load_weights, weights_loaded_later
-from vlp.checkpoint_io import StreamingCheckpointIO
+from vlp.cli import BadInput, TrainingStarted, reject_repeated_overrides
 from vlp.config import CONF_DIR, register_configs
+from vlp.guards import StopOnNonFiniteLoss
 from vlp.loggers import build_loggers
+from vlp.resume import AtomicCheckpointIO, RankRngStates, global_step, resolve_ckpt_path
+from vlp.rundir import keep_launch_config
+from vlp.sweep import in_sweep, record_failure, reject_lightning_spawner
 
 log = logging.getLogger("vlp.train")  # not "__main__" under `python -m`: the vlp logging config applies
 register_configs()
+# conf/hydra/launcher/submitit_*.yaml show the plugin's keys under the plugin's own names, which
+# Hydra validates against the plugin's schema of the same name (and warns that this is old style)
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_\w+' is validated against ConfigStore schema")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fits, validates at the final step, writes `<run dir>/metrics.json` and returns its metrics."""
-    if cfg.micro_batch_size is not None and cfg.micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be positive or null, got {cfg.micro_batch_size}")
-    if cfg.micro_batch_size and cfg.trainer.gradient_clip_val:
-        raise ValueError("micro_batch_size cannot be combined with trainer.gradient_clip_val yet "
-                         "(Lightning clips gradients only when it steps the optimiser itself)")
-    pl.seed_everything(cfg.seed, workers=True)
-    run_dir = Path(cfg.paths.run_dir)
-    with weights_loaded_later() if cfg.init_from else nullcontext():
-        model = instantiate(cfg.model)
-    if cfg.init_from:  # weights only: this run's optimiser and schedule start fresh at step 0
-        log.info("init_from: %s", load_weights(model, cfg.init_from))
-    datamodule = instantiate(cfg.data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
-    task = instantiate(cfg.task, _partial_=True)  # the task's LightningModule (conf/task/): pretrain, vqa, caption
-    lit = task(
-        model,
-        loss=instantiate(cfg.loss),
-        optimizer=instantiate(cfg.optim),
-        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        param_group_options=OmegaConf.to_container(cfg.param_groups),
-        micro_batch_size=cfg.micro_batch_size,
-        objectives=OmegaConf.to_container(cfg.objectives),
-        seed=cfg.seed,
-    )
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
-    loggers = build_loggers(cfg.logger, str(run_dir))
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[StreamingCheckpointIO()],
-                          **fusion_ddp_options(cfg))
-    trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    """Fits, validates at the final step, writes `<run dir>/metrics.json` and returns its metrics.
+
+    Raises:
+        BadInput: bad input found before training started (missing shards, unset keys, bad values).
+    """
+    training = TrainingStarted()
+    with training.input_errors_as_bad_input():  # one line until training starts, a traceback after
+        if cfg.micro_batch_size is not None and cfg.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be positive or null, got {cfg.micro_batch_size}")
+        if cfg.micro_batch_size and cfg.trainer.gradient_clip_val:
+            raise ValueError("micro_batch_size cannot be combined with trainer.gradient_clip_val yet "
+                             "(Lightning clips gradients only when it steps the optimiser itself)")
+        pl.seed_everything(cfg.seed, workers=True)
+        run_dir = Path(cfg.paths.run_dir)
+        ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+        keep_launch_config(run_dir)
+        with weights_loaded_later() if cfg.init_from else nullcontext():
+            model = instantiate(cfg.model)
+        if cfg.init_from:  # weights only: this run's optimiser and schedule start fresh at step 0
+            log.info("init_from: %s", load_weights(model, cfg.init_from))
+        datamodule = instantiate(cfg.data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
+        task = instantiate(cfg.task, _partial_=True)  # the task's LightningModule (conf/task/): pretrain, vqa, caption
+        lit = task(
+            model,
+            loss=instantiate(cfg.loss),
+            optimizer=instantiate(cfg.optim),
+            scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            param_group_options=OmegaConf.to_container(cfg.param_groups),
+            micro_batch_size=cfg.micro_batch_size,
+            objectives=OmegaConf.to_container(cfg.objectives),
+            seed=cfg.seed,
+        )
+        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+        callbacks += [StopOnNonFiniteLoss(), RankRngStates(), training]
+        loggers = build_loggers(cfg.logger, str(run_dir), resume_step=global_step(ckpt_path) if ckpt_path else 0)
+        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                              plugins=[AtomicCheckpointIO()], **fusion_ddp_options(cfg))
+        reject_lightning_spawner(trainer)
+        trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
     if datamodule.val_set is not None and lit.validated_at_step != trainer.global_step:
         trainer.validate(lit, datamodule=datamodule, verbose=False)
     metrics = {"global_step": trainer.global_step}
@@ -89,16 +108,31 @@ def summary(metrics: dict[str, float], run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def main() -> None:
+    """`vlp-train`: checks the command line, then runs the Hydra application."""
+    try:
+        reject_repeated_overrides(sys.argv[1:])
+    except BadInput as err:
+        sys.exit(f"vlp-train: {err}")
+    hydra_app()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> Optional[float]:
+def hydra_app(cfg: DictConfig) -> Optional[float]:
     try:
         metrics = train(cfg)
-    except (FileNotFoundError, MissingMandatoryValue, ValueError) as err:
+    except BadInput as err:
+        if in_sweep():
+            return record_failure(Path(cfg.paths.run_dir), err, str(err))
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         # bad input (a missing shard, an unset key, a wrong value): the message, not a traceback
-        log.error("%s: %s (HYDRA_FULL_ERROR=1 shows the traceback)", type(err).__name__, err)
+        log.error("%s (HYDRA_FULL_ERROR=1 shows the traceback)", err)
         sys.exit(1)
+    except Exception as err:
+        if in_sweep():  # a failed trial is recorded as failed; the sweep goes on
+            return record_failure(Path(cfg.paths.run_dir), err, traceback.format_exc())
+        raise
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
 
 

@@ -6,11 +6,11 @@ from vlp.eval import retrieval_metrics
 
 
 def reference(image, text, ks):
-    """Full N x N similarity matrix + argsort; rank = position of the match in the sorted row."""
+    """Full N x N similarity matrix + stable argsort; rank = position of the match in the sorted row."""
     sims = image @ text.T  # (N, N)
     out = {}
     for name, s in (("i2t", sims), ("t2i", sims.T)):
-        order = s.argsort(dim=1, descending=True)  # (N, N)
+        order = s.argsort(dim=1, descending=True, stable=True)  # (N, N)
         ranks = (order == torch.arange(len(s))[:, None]).float().argmax(dim=1)  # (N,)
         for k in ks:
             out[f"{name}_r@{k}"] = (ranks < k).float().mean().item()
@@ -53,27 +53,53 @@ def test_identical_pairs_are_perfect():
 
 
 def test_permuted_texts_known_recall():
-    # image i = e_i, text j = e_perm[j]: the match of a non-fixed point scores 0 while exactly one
-    # candidate scores 1, so its rank is 1 (the other zeros tie and do not count).
+    # image i = e_i, text j = e_perm[j]: a fixed point's match scores 1 and ranks first; any other
+    # match scores 0 behind the one candidate scoring 1 and behind the tied zeros before it (each
+    # non-fixed point has one at index 0 or 1), so it is never in the top 2.
     perm = torch.tensor([0, 2, 1, 3, 5, 6, 4, 7])  # fixed points: 0, 3, 7
     image, text = torch.eye(8), torch.eye(8)[perm]
     got = retrieval_metrics(image, text, ks=(1, 2), chunk_size=3)
-    assert got == {"i2t_r@1": 3 / 8, "i2t_r@2": 1.0, "t2i_r@1": 3 / 8, "t2i_r@2": 1.0,
-                   "retrieval_mean_r": (3 / 8 + 1.0) / 2}
+    assert got == {"i2t_r@1": 3 / 8, "i2t_r@2": 3 / 8, "t2i_r@1": 3 / 8, "t2i_r@2": 3 / 8,
+                   "retrieval_mean_r": 3 / 8}
+    assert got == reference(image, text, (1, 2))
 
 
-def test_ties_favour_the_match():
-    feats = F.normalize(torch.ones(5, 4), dim=-1)  # every similarity is equal
-    got = retrieval_metrics(feats, feats, ks=(1,), chunk_size=2)
-    assert got["i2t_r@1"] == got["t2i_r@1"] == 1.0
+def test_a_collapsed_model_scores_chance():
+    # every similarity is equal: ties go by position, so query i ranks its match i-th
+    feats = F.normalize(torch.ones(8, 4), dim=-1)
+    got = retrieval_metrics(feats, feats, ks=(1, 4), chunk_size=3)
+    assert got["i2t_r@1"] == got["t2i_r@1"] == 1 / 8
+    assert got["i2t_r@4"] == got["t2i_r@4"] == 4 / 8
+
+
+def test_ties_break_by_position_like_a_stable_argsort():
+    image, text = paired(20, 4, noise=0.5)
+    text[::3] = text[0]  # a tie block: rows 0, 3, 6, ... share one caption embedding
+    got = retrieval_metrics(image, text, ks=(1, 2, 5), chunk_size=6)
+    for name, sims in (("i2t", image @ text.T), ("t2i", text @ image.T)):
+        order = sims.argsort(dim=1, descending=True, stable=True)  # (N, N)
+        ranks = (order == torch.arange(20)[:, None]).float().argmax(dim=1)
+        for k in (1, 2, 5):
+            assert got[f"{name}_r@{k}"] == pytest.approx((ranks < k).float().mean().item())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_fail_instead_of_scoring(bad):
+    image, text = paired(10, 4, noise=0.1)
+    image[3, 1] = bad
+    with pytest.raises(FloatingPointError, match=r"image_features hold NaN or inf in 1 of 10 rows"):
+        retrieval_metrics(image, text)
+    with pytest.raises(FloatingPointError, match="text_features"):
+        retrieval_metrics(text, torch.full_like(text, bad))
 
 
 def test_reversed_texts_known_recall():
     # Points at equally spaced angles on a quarter circle, texts in reverse order, so the match of
     # image i is the point N-1-i, d = |2i - (N-1)| steps away. Its rank is the number of points
-    # strictly fewer than d steps from i: ranks [5, 4, 1, 1, 4, 5] for N = 6.
+    # fewer than d steps from i, plus the point d steps away on the other side when it comes
+    # first (a tie, for i = 2): ranks [5, 4, 2, 1, 4, 5] for N = 6.
     angles = torch.linspace(0, torch.pi / 2, 6, dtype=torch.float64)
     image = torch.stack([angles.cos(), angles.sin()], dim=1)  # (N, 2)
     got = retrieval_metrics(image, image.flip(0), ks=(1, 2, 5, 6), chunk_size=4)
     for d in ("i2t", "t2i"):
-        assert [got[f"{d}_r@{k}"] for k in (1, 2, 5, 6)] == pytest.approx([0, 2 / 6, 4 / 6, 1])
+        assert [got[f"{d}_r@{k}"] for k in (1, 2, 5, 6)] == pytest.approx([0, 1 / 6, 4 / 6, 1])

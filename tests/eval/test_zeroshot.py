@@ -93,9 +93,20 @@ def test_metrics_known_ranks():
 
 
 def test_metrics_default_keys_and_ties():
+    # a collapsed model (all logits tie) scores what the constant guess "0, 1, 2, ..." would
     image = F.normalize(torch.ones(4, 3), dim=-1)
-    got = zeroshot_metrics(image, torch.tensor([0, 1, 2, 1]), torch.eye(3))  # all logits tie
-    assert got == {"zeroshot_top1": 1.0, "zeroshot_top5": 1.0}
+    got = zeroshot_metrics(image, torch.tensor([0, 1, 2, 1]), torch.eye(3), ks=(1, 2, 5))
+    assert got == {"zeroshot_top1": 1 / 4, "zeroshot_top2": 3 / 4, "zeroshot_top5": 1.0}
+    assert set(zeroshot_metrics(image, torch.tensor([0, 1, 2, 1]), torch.eye(3))) == {"zeroshot_top1",
+                                                                                      "zeroshot_top5"}
+
+
+def test_nan_features_fail_instead_of_scoring():
+    image = torch.full((4, 3), float("nan"))
+    with pytest.raises(FloatingPointError, match="image_features hold NaN or inf in 4 of 4 rows"):
+        zeroshot_metrics(image, torch.tensor([0, 1, 2, 1]), torch.eye(3))
+    with pytest.raises(FloatingPointError, match="classifier"):
+        zeroshot_metrics(torch.eye(3), torch.tensor([0, 1, 2]), torch.full((3, 3), float("inf")))
 
 
 def test_metrics_match_topk():

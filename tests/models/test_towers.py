@@ -41,8 +41,10 @@ def test_logit_scale_initialised_and_clamped():
     out = model(torch.randn(1, 3, 64, 64), model.tokenizer(["x"]))
     assert out.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
     with torch.no_grad():
-        model.logit_scale.fill_(10.0)
+        model.logit_scale.fill_(10.0)  # as an optimiser step past the cap would
+    model.clamp_logit_scale_()
     assert model(torch.randn(1, 3, 64, 64), model.tokenizer(["x"])).logit_scale.item() == pytest.approx(100)
+    assert VLPModel(open_clip_towers("vlp-clip-micro"), init_logit_scale=500).scale().item() == pytest.approx(100)
 
 
 def test_timm_image_tower_from_an_open_clip_config(tmp_path):

@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from vlp.eval.finite import require_finite
+
 
 @torch.no_grad()
 def zeroshot_classifier(encode_text, tokenizer, classnames, templates, batch_size=256):
@@ -37,8 +39,9 @@ def zeroshot_classifier(encode_text, tokenizer, classnames, templates, batch_siz
 def zeroshot_metrics(image_features, labels, classifier, ks=(1, 5)):
     """Zero-shot top-k accuracy.
 
-    An image is correct at k if fewer than k classes score strictly higher than its true class
-    (ties favour the true class, as in retrieval_metrics). Top-k with k >= C is therefore 1.0.
+    An image is correct at k if its true class is among the first k of a stable descending sort
+    of the class scores (ties go to the lower class index, as in retrieval_metrics), so a
+    collapsed model scores what the constant guess "class 0" would. Top-k with k >= C is 1.0.
 
     Args:
         image_features: (N, D) L2-normalised image embeddings.
@@ -48,8 +51,14 @@ def zeroshot_metrics(image_features, labels, classifier, ks=(1, 5)):
 
     Returns:
         Python floats in [0, 1]: "zeroshot_top{k}" for each k.
+
+    Raises:
+        FloatingPointError: features or classifier hold NaN or inf (a diverged model).
     """
+    require_finite(image_features=image_features, classifier=classifier)
     logits = image_features @ classifier.T  # (N, C)
-    pos = logits.gather(1, labels.to(logits.device)[:, None])  # (N, 1)
-    ranks = (logits > pos).sum(dim=1)  # (N,)
+    labels = labels.to(logits.device)[:, None]  # (N, 1)
+    pos = logits.gather(1, labels)  # (N, 1)
+    earlier = torch.arange(logits.shape[1], device=logits.device)[None, :] < labels  # (N, C)
+    ranks = ((logits > pos) | ((logits == pos) & earlier)).sum(dim=1)  # (N,)
     return {f"zeroshot_top{k}": (ranks < k).float().mean().item() for k in ks}

@@ -18,7 +18,7 @@ from vlp.models.towers import Towers
 class VLPOutput(NamedTuple):
     image_features: torch.Tensor  # (B, D), L2-normalised
     text_features: torch.Tensor  # (B, D), L2-normalised
-    logit_scale: torch.Tensor  # scalar multiplier, exp of the learnable log-scale, clamped
+    logit_scale: torch.Tensor  # scalar multiplier, exp of the learnable log-scale
     logit_bias: Optional[torch.Tensor]  # scalar added to the logits (sigmoid loss); None without
     # the towers' token sequences, only for a model with fusion
     image_tokens: Optional[torch.Tensor] = None  # (B, N, W_img)
@@ -81,6 +81,7 @@ class VLPModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
         self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.max_logit_scale = max_logit_scale
+        self.clamp_logit_scale_()
         self.preprocess = towers.preprocess
         self.tokenizer = towers.tokenizer
         self.fusion = None if fusion is None else self._build_fusion(fusion)
@@ -148,8 +149,17 @@ class VLPModel(nn.Module):
         return F.normalize(_pooled(self.text_tower(tokens)), dim=-1)  # (B, D)
 
     def scale(self) -> torch.Tensor:
-        """The logit multiplier; clamped, so its gradient stops at the cap, as in open_clip."""
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        """The logit multiplier, exp of the learnable log-scale (kept in range by `clamp_logit_scale_`)."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamps the log-scale parameter to [0, log(max_logit_scale)]; call after each optimiser step.
+
+        As open_clip does: clamping the parameter rather than the forward keeps its gradient, so a
+        scale at the cap can come back down.
+        """
+        self.logit_scale.clamp_(0, math.log(self.max_logit_scale))
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> VLPOutput:
         if self.fusion is None:

@@ -1,0 +1,130 @@
+"""On a cluster: one run directory per run, resume after kill -9, sweeps through launchers, CLI mistakes."""
+import csv
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import TRAIN_SAMPLES, VAL_SAMPLES, cli, data_dir, run_cli  # noqa: F401 (data_dir: fixture)
+from vlp.checkpoint import load_model
+
+ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
+SMALL = [f"data.prepare.train_samples={TRAIN_SAMPLES}", f"data.prepare.val_samples={VAL_SAMPLES}",
+         "data.prepare.samples_per_shard=256", f"data.train.num_samples={TRAIN_SAMPLES}", "data.batch_size=32",
+         "data.num_workers=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def train_rows(run_dir) -> Counter:
+    """How many times each step's training loss is in the CSV log."""
+    with open(Path(run_dir) / "csv" / "metrics.csv") as f:
+        return Counter(int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unquoted_brace_pattern_fails_with_the_quoting_advice(tmp_path, data_dir):
+    # what the shell makes of data.train.urls=/d/train-{000..002}.tar
+    shards = [f"data.train.urls={data_dir}/synthetic/train-{i:06d}.tar" for i in range(3)]
+    proc = run_cli("debug=fast", f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}", *shards)
+    assert proc.returncode == 1
+    assert "data.train.urls is given 3 times" in proc.stderr and "quote it" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()  # nothing ran
+
+
+def test_two_torchrun_ranks_write_one_run_directory(tmp_path, data_dir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "vlp.train", *SMALL, f"paths.data_dir={data_dir}", "trainer=ddp", "trainer.accelerator=cpu",
+           "trainer.precision=32-true", "trainer.max_steps=2", "trainer.val_check_interval=2",
+           "trainer.limit_val_batches=1", "logger=csv"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    runs = [p for p in (tmp_path / "runs").rglob("*") if (p / ".hydra").is_dir()]
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 2
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (tmp_path / checkpoint["vlp_config"]["paths"]["run_dir"]).resolve() == run.resolve()
+    assert len(checkpoint["callbacks"]["RankRngStates"]["ranks"]) == 2  # each rank's random state
+
+
+def test_kill_9_at_random_moments_then_auto_resume_ends_at_the_right_step_with_every_step_logged_once(
+        tmp_path, data_dir):
+    run, max_steps = tmp_path / "run", 26
+    args = [sys.executable, "-m", "vlp.train", *SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}",
+            "ckpt_path=auto", f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={max_steps}",
+            "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=4",
+            "logger=[csv,tensorboard]", "scheduler.warmup_steps=5", "model=clip_micro"]
+    rng = random.Random(0)
+    for _ in range(3):
+        before = sum(train_rows(run).values()) if (run / "csv" / "metrics.csv").exists() else 0
+        proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_rows = rng.randint(1, 6)  # then a random moment within a few steps
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            csv_file = run / "csv" / "metrics.csv"
+            if csv_file.exists() and sum(train_rows(run).values()) - before >= wait_rows:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 1.0))
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == max_steps
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == max_steps
+    load_model(run / "checkpoints" / "last.ckpt")
+    rows = train_rows(run)
+    assert sorted(rows) == list(range(max_steps)) and set(rows.values()) == {1}, rows
+    # the config of every launch is kept; only the latest step snapshots are
+    assert len(list((run / ".hydra" / "launches").iterdir())) == 4
+    assert len(list((run / "checkpoints").glob("step*.ckpt"))) == 3
+    assert not list(run.rglob(".*.tmp*"))  # no temporary checkpoint left behind
+
+
+def test_a_sweep_records_a_failed_trial_goes_on_and_ends_with_a_table(tmp_path, data_dir):
+    proc = run_cli("-m", "micro_batch_size=0,null", "debug=fast", f"paths.data_dir={data_dir}",
+                   f"hydra.sweep.dir={tmp_path}", "trainer.limit_val_batches=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "0" / "error.txt").is_file() and "micro_batch_size must be positive" in (
+        tmp_path / "0" / "error.txt").read_text()
+    assert json.loads((tmp_path / "1" / "metrics.json").read_text())["global_step"] == 4
+    assert "sweep of 2 trials" in proc.stdout and "(1 failed)" in proc.stdout
+    assert "<- best" in proc.stdout.splitlines()[-1]
+
+
+def test_a_sweep_cannot_use_lightnings_own_ddp_spawner(tmp_path, data_dir):
+    proc = run_cli("-m", "optim.lr=1e-4", "debug=fast", "trainer=ddp", "trainer.devices=2",
+                   "trainer.accelerator=cpu", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={tmp_path}")
+    output = proc.stdout + proc.stderr
+    assert "hydra/launcher=submitit_slurm" in output and "tasks_per_node=2" in output
+    assert not list(tmp_path.glob("*/checkpoints"))
+
+
+def test_optuna_sweep_through_submitit_local_writes_one_run_directory_per_trial_and_reports_the_best(
+        tmp_path, data_dir):
+    proc = run_cli("hparams_search=clip_optuna", "hydra/launcher=submitit_local", "hydra.sweeper.n_trials=3",
+                   "hydra.sweeper.sampler.n_startup_trials=2", "debug=fast", "trainer.limit_val_batches=1",
+                   f"paths.data_dir={data_dir}", f"hydra.sweep.dir={tmp_path}", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = sorted(tmp_path.glob("*/metrics.json"))
+    assert len(trials) == 3
+    values = [json.loads(t.read_text())["val/zeroshot_top1"] for t in trials]
+    results = (tmp_path / "optimization_results.yaml").read_text()
+    assert f"best_value: {max(values)}" in results
+    assert "sweep of 3 trials" in proc.stdout

@@ -1,0 +1,126 @@
+"""Resume that continues: which checkpoint `ckpt_path=auto` means, atomic checkpoint writes, a
+last.ckpt at the final step, and every rank's random state in the checkpoint (Lightning glue).
+"""
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from vlp.rundir import slurm_batch_job
+
+log = logging.getLogger(__name__)
+
+
+def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
+    """The checkpoint to resume from: a path as given, or for `auto` the newest in the run directory.
+
+    `auto` (the default in a SLURM batch job, where `ckpt_path` is null) picks the later, by global step, of
+    `checkpoints/last.ckpt` and the `hpc_ckpt_N.ckpt` that Lightning saves on SLURM's requeue signal;
+    with neither, the run starts fresh.
+    """
+    if ckpt_path is None and slurm_batch_job():
+        ckpt_path = "auto"  # a requeued job continues its own run
+    if ckpt_path != "auto":
+        return ckpt_path
+    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    steps = {path: global_step(path) for path in candidates if path.is_file()}
+    if not steps:
+        log.info("ckpt_path=auto: no checkpoint in %s yet; starting fresh", run_dir)
+        return None
+    newest = max(steps, key=steps.get)
+    log.info("ckpt_path=auto: resuming from %s (step %d)", newest, steps[newest])
+    return str(newest)
+
+
+def global_step(path: Path) -> int:
+    """The step a checkpoint was saved at, read without loading its tensors."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint` that also saves `last.ckpt` at the final step.
+
+    Lightning saves `last.ckpt` at the end of training only when it never saved one before, so
+    a run whose last step is not a multiple of `every_n_train_steps` would end on an older one.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside its target, then renames it into place.
+
+    A kill at any moment leaves either the previous file or the new one, never a torn one.
+    Remote paths (s3://, ...) are written as Lightning writes them.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class RankRngStates(pl.Callback):
+    """Saves the random state (torch, CUDA, numpy, Python) of every rank; a resumed rank continues its own.
+
+    Lightning writes the checkpoint from rank 0 only, so the states are gathered from all ranks when
+    it is made (every rank takes part in `trainer.save_checkpoint`).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        states = _rng_states()
+        if not (dist.is_available() and dist.is_initialized()):
+            return {"ranks": [states]}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, states)
+        return {"ranks": gathered}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        ranks = state_dict["ranks"]
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        if len(ranks) != world:
+            log.warning("checkpoint holds the random state of %d ranks, this run has %d: not restored",
+                        len(ranks), world)
+            return
+        _set_rng_states(ranks[rank])
+
+
+def _rng_states() -> dict[str, Any]:
+    """This process's random states, in types a weights-only `torch.load` accepts."""
+    name, keys, *rest = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest]}
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
