@@ -7,6 +7,14 @@ from vlp.checkpoint import load_model
 
 FAST = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
         "model.fusion.width=64", "model.fusion.heads=2", "model.fusion.layers=1"]
+
+
+def fast(*overrides: str) -> list[str]:
+    """FAST with `overrides` replacing its keys (vlp-train refuses a key given twice)."""
+    keys = {o.split("=")[0] for o in overrides}
+    return [o for o in FAST if o.split("=")[0] not in keys] + list(overrides)
+
+
 FUSION_METRICS = ["val/hard_negative_acc", "val/itm_hard_negative_acc", "val/itm_i2t_r@1", "val/itm_t2i_r@1"]
 
 
@@ -31,18 +39,18 @@ def test_each_fusion_trains_logs_its_objectives_and_rebuilds_from_its_checkpoint
 
 def test_objective_weights_and_resume(tmp_path, data_dir):
     first = tmp_path / "first"
-    vlp_train(first, data_dir, "fusion=merged", *FAST, "objectives.itc=0", "objectives.mlm=0.5")
+    vlp_train(first, data_dir, "fusion=merged", *fast("objectives.itc=0", "objectives.mlm=0.5"))
     assert logged(first, "train/loss")[3] == pytest.approx(
         logged(first, "train/itm_loss")[3] + 0.5 * logged(first, "train/mlm_loss")[3], rel=1e-3)
     resumed = tmp_path / "resumed"
-    metrics = vlp_train(resumed, data_dir, "fusion=merged", *FAST, "objectives.itc=0", "objectives.mlm=0.5",
-                        "trainer.max_steps=6", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    metrics = vlp_train(resumed, data_dir, "fusion=merged", *fast("objectives.itc=0", "objectives.mlm=0.5",
+                        "trainer.max_steps=6", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"))
     assert metrics["global_step"] == 6 and min(logged(resumed, "train/itm_loss")) >= 4
 
 
 def test_ddp_with_fusion_on_two_cpu_processes(tmp_path, data_dir):
-    metrics = vlp_train(tmp_path / "run", data_dir, "fusion=co_attention", *FAST, "trainer=ddp", "trainer.devices=2",
-                        "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.precision=32-true")
+    metrics = vlp_train(tmp_path / "run", data_dir, "fusion=co_attention", "trainer=ddp", *fast(
+        "trainer.devices=2", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.precision=32-true"))
     assert metrics["global_step"] == 2 and metrics["val/num_samples"] == VAL_SAMPLES
     assert all(key in metrics for key in FUSION_METRICS)
 
@@ -52,8 +60,8 @@ def test_fusion_recipes_run_end_to_end_with_micro_towers_on_cpu(tmp_path, data_d
     small = [] if experiment == "fusion_synthetic" else [
         "data=synthetic", "trainer=cpu", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto",
         "model.towers.arch=vlp-clip-micro"]
-    metrics = vlp_train(tmp_path / "run", data_dir, f"experiment={experiment}", *small, *FAST,
-                        "data.batch_size=16", "trainer.limit_val_batches=1")
+    metrics = vlp_train(tmp_path / "run", data_dir, f"experiment={experiment}", *small,
+                        *fast("data.batch_size=16", "trainer.limit_val_batches=1"))
     assert metrics["global_step"] == 4 and "val/itm_hard_negative_acc" in metrics
 
 
