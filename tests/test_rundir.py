@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vlp.resume import resolve_ckpt_path
-from vlp.rundir import run_name
+from vlp.rundir import remove_interrupted_writes, run_name
 
 LAUNCH_VARIABLES = ["VLP_RUN_NAME", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_STEP_ID",
                     "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE"]
@@ -52,3 +52,13 @@ def test_auto_resumes_from_the_later_of_last_and_the_requeue_checkpoint(tmp_path
     assert resolve_ckpt_path(None, tmp_path) is None
     launch_env.setenv("SLURM_JOB_ID", "99")  # a (requeued) batch job resumes its own run by default
     assert resolve_ckpt_path(None, tmp_path) == str(tmp_path / "hpc_ckpt_2.ckpt")
+
+
+def test_a_launch_removes_what_a_killed_launch_left_half_written_and_nothing_else(tmp_path, launch_env):
+    left = [tmp_path / "checkpoints" / ".step0000012.ckpt.tmp32428", tmp_path / "csv" / ".metrics.csv.tmp7"]
+    kept = [tmp_path / "checkpoints" / "last.ckpt", tmp_path / "csv" / "metrics.csv", tmp_path / ".notes.tmpfile"]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    remove_interrupted_writes(tmp_path)
+    assert [p.exists() for p in left + kept] == [False] * len(left) + [True] * len(kept)

@@ -14,6 +14,7 @@ what every process of one run shares, whoever launched it:
 Lightning's own DDP spawner passes `hydra.run.dir` to the processes it starts, so they use the
 directory of the process that launched them.
 """
+import logging
 import os
 import shutil
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
 
 STAMP_FORMAT = "%Y-%m-%d/%H-%M-%S"
 
@@ -83,6 +86,20 @@ def keep_launch_config(run_dir: Path) -> None:
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
         if (source / name).is_file():
             shutil.copy2(source / name, target / name)
+
+
+def remove_interrupted_writes(run_dir: Path) -> None:
+    """Deletes the temporary files (`.NAME.tmpPID`) that a killed launch left half-written in its run directory.
+
+    Checkpoints and CSV logs are written beside their target and renamed into place; a kill in between
+    leaves the temporary file. Only this run's own launches write here, so at launch none is live.
+    """
+    if not _rank_zero() or not run_dir.is_dir():
+        return
+    for path in run_dir.rglob(".*.tmp*"):
+        if path.is_file() and path.name.rpartition(".tmp")[2].isdigit():
+            log.info("removing %s, left half-written by a killed launch", path)
+            path.unlink()
 
 
 def _rank_zero() -> bool:

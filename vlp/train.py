@@ -29,7 +29,7 @@ from vlp.config import CONF_DIR, register_configs
 from vlp.guards import StopOnNonFiniteLoss
 from vlp.loggers import build_loggers
 from vlp.resume import AtomicCheckpointIO, RankRngStates, global_step, resolve_ckpt_path
-from vlp.rundir import keep_launch_config
+from vlp.rundir import keep_launch_config, remove_interrupted_writes
 from vlp.sweep import in_sweep, record_failure, reject_lightning_spawner
 
 log = logging.getLogger("vlp.train")  # not "__main__" under `python -m`: the vlp logging config applies
@@ -56,6 +56,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run_dir = Path(cfg.paths.run_dir)
         ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
         keep_launch_config(run_dir)
+        remove_interrupted_writes(run_dir)
         with weights_loaded_later() if cfg.init_from else nullcontext():
             model = instantiate(cfg.model)
         if cfg.init_from:  # weights only: this run's optimiser and schedule start fresh at step 0
