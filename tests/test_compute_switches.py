@@ -5,11 +5,13 @@ import subprocess
 import sys
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from vlp.checkpoint import load_model
 from vlp.data.synthetic import write_dataset
 from vlp.models import VLPModel, open_clip_towers
+from vlp.train import attention_kernels
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +73,15 @@ def test_channels_last_gives_the_same_features():
     images = torch.randn(2, 3, 64, 64)
     assert fast.image_tower.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast.encode_image(images), model.encode_image(images), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_on_the_cpu_runs_attention_through_the_math_kernel():
+    def trainer(precision):
+        return pl.Trainer(accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False)
+
+    with attention_kernels(trainer("bf16-mixed")):
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # only while training
+    with attention_kernels(trainer("32-true")):
+        assert torch.backends.cuda.flash_sdp_enabled()

@@ -46,6 +46,7 @@ class ModelConf:
     lock_text_freeze_layer_norm: bool = True
     compile: Any = False  # torch.compile the towers and the loss: true, or its options ({mode: max-autotune})
     channels_last: bool = False  # channels-last image tower: faster convolutions (ResNet towers)
+    trim_text_padding: bool = True  # text batches as long as their longest caption (exact; causal text towers)
 
 
 @dataclass

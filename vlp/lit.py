@@ -18,6 +18,7 @@ from vlp.eval import hard_negative_correct, rerank_hits, retrieval_metrics, zero
 from vlp.fusion_losses import image_text_matching, itm_match_scores, masked_language_modelling
 from vlp.microbatch import check_micro_batchable, feature_cached_backward
 from vlp.models import VLPModel
+from vlp.models.text_padding import trim_padding
 from vlp.optim import param_groups
 
 
@@ -75,6 +76,12 @@ class VLPLitModule(pl.LightningModule):
         self._val_outputs: list[tuple[torch.Tensor, ...]] = []
         self._val_tokens: list[tuple[torch.Tensor, ...]] = []  # fusion models: for ITM re-ranking
         self._hard_negatives = torch.zeros(3)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Trims the text padding on the host, where reading the batch's length costs no device sync."""
+        if self.model.trims_text_padding:
+            batch = batch._replace(tokens=trim_padding(batch.tokens))
+        return batch
 
     # -- training ---------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:

@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 import warnings
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +22,8 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.accelerators import CPUAccelerator
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlp.checkpoint import load_weights, weights_loaded_later
 from vlp.cli import BadInput, TrainingStarted, reject_repeated_overrides
@@ -37,6 +39,8 @@ register_configs()
 # conf/hydra/launcher/submitit_*.yaml show the plugin's keys under the plugin's own names, which
 # Hydra validates against the plugin's schema of the same name (and warns that this is old style)
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_\w+' is validated against ConfigStore schema")
+# the module's on_before_batch_transfer (text padding) is meant to apply with vlp's datamodule
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -80,7 +84,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                               plugins=[AtomicCheckpointIO()], **fusion_ddp_options(cfg))
         reject_lightning_spawner(trainer)
-        trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
+        with attention_kernels(trainer):
+            trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
     if datamodule.val_set is not None and lit.validated_at_step != trainer.global_step:
         trainer.validate(lit, datamodule=datamodule, verbose=False)
     metrics = {"global_step": trainer.global_step}
@@ -89,6 +94,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         print(summary(metrics, run_dir))
     return metrics
+
+
+def attention_kernels(trainer: pl.Trainer) -> AbstractContextManager:
+    """bf16 attention on the CPU through torch's math kernel: its fused CPU kernel is ~3x slower
+    in the bf16 backward, which made attention a third of a bf16 step (BENCHMARKS.md)."""
+    if isinstance(trainer.accelerator, CPUAccelerator) and "bf16" in str(trainer.precision):
+        return sdpa_kernel([SDPBackend.MATH])
+    return nullcontext()
 
 
 def fusion_ddp_options(cfg: DictConfig) -> dict:

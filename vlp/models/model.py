@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from vlp.models.compile import can_compile, compile_options
 from vlp.models.fusion import FusionOutput
 from vlp.models.heads import ITMHead, MLMHead
+from vlp.models.text_padding import accept_shorter_batches, trims_exactly
 from vlp.models.tokens import (add_mask_token, check_token_support, image_tokens, special_token_ids,
                                text_tokens, token_embedding)
 from vlp.models.towers import Towers
@@ -56,6 +57,9 @@ class VLPModel(nn.Module):
             `compile_options` keeps what was asked for, so a trainer can compile its loss alike.
         channels_last: keep the image tower's weights and inputs channels-last, which
             convolutions (ResNet towers, patch embeddings) run faster in.
+        trim_text_padding: let the trainer drop the all-padding columns at the end of a text
+            batch where that leaves the features unchanged (`vlp.models.text_padding`): a dual
+            encoder with a causal open_clip text tower. `trims_text_padding` says whether it does.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class VLPModel(nn.Module):
         lock_text_freeze_layer_norm: bool = True,
         compile: Union[bool, dict] = False,
         channels_last: bool = False,
+        trim_text_padding: bool = True,
     ):
         super().__init__()
         self.image_tower = towers.image
@@ -86,6 +91,10 @@ class VLPModel(nn.Module):
         self.tokenizer = towers.tokenizer
         self.fusion = None if fusion is None else self._build_fusion(fusion)
         self.heads = nn.ModuleDict(self._pretraining_heads() | dict(heads or {}))
+        # heads and fusion read whole sequences
+        self.trims_text_padding = trim_text_padding and not self.heads and trims_exactly(self.text_tower)
+        if self.trims_text_padding:
+            accept_shorter_batches(self.text_tower)
         if lock_image:  # open_clip's towers know their own layer groups
             try:
                 self.image_tower.lock(unlocked_groups=lock_image_unlocked_groups,

@@ -1,0 +1,44 @@
+"""Text batches only as long as their longest caption, for text towers where that changes nothing.
+
+open_clip pads every caption to the context length (77 for CLIP), and captions are short: most
+of a text tower's work is on padding. In a causal text tower that pools at the end-of-text token
+no position before it attends to what follows, so dropping the all-padding columns at the end of
+a batch gives the same features and gradients for less work. The trainer trims each batch on the
+host before it moves to the device (no synchronisation), to a multiple of 8 (tensor-core shapes,
+and few distinct shapes for torch.compile); the tower takes its causal mask at the batch's length.
+"""
+import torch
+import torch.nn as nn
+from open_clip.transformer import TextTransformer
+
+MULTIPLE = 8
+
+
+def trims_exactly(text_tower: nn.Module) -> bool:
+    """Whether shorter batches give `text_tower` the same pooled features: an open_clip text
+    transformer with a causal mask that pools at the end-of-text token, without a class token."""
+    return (isinstance(text_tower, TextTransformer) and text_tower.attn_mask is not None
+            and text_tower.cls_emb is None and text_tower.pool_type in ("argmax", "eos"))
+
+
+def trim_padding(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """(B, L) token ids less the all-padding columns at the end, kept to a multiple of 8.
+
+    Call it on the host (it reads the batch's length); the model's tokenizer keeps the full length,
+    which plain open_clip models need.
+    """
+    used = (tokens != pad_id).any(dim=0).nonzero()
+    length = int(used[-1]) + 1 if len(used) else 1
+    return tokens[:, :min(tokens.shape[1], -(-length // MULTIPLE) * MULTIPLE)]
+
+
+def accept_shorter_batches(text_tower: TextTransformer) -> None:
+    """Makes `text_tower` slice its causal mask to each batch's length (the mask stays a buffer,
+    so it moves with the model, and leaves the state dict as it was)."""
+    text_tower.register_buffer("full_attn_mask", text_tower.attn_mask, persistent=False)
+    text_tower.register_forward_pre_hook(_slice_causal_mask)
+
+
+def _slice_causal_mask(text_tower: TextTransformer, args: tuple) -> None:
+    length = args[0].shape[1]
+    text_tower.attn_mask = text_tower.full_attn_mask[:length, :length]
