@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 import warnings
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -22,14 +22,13 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.accelerators import CPUAccelerator
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlp.checkpoint import load_weights, weights_loaded_later
 from vlp.cli import BadInput, TrainingStarted, reject_repeated_overrides
 from vlp.config import CONF_DIR, register_configs
 from vlp.guards import StopOnNonFiniteLoss
 from vlp.loggers import build_loggers
+from vlp.models.attention import attention_kernels
 from vlp.resume import AtomicCheckpointIO, RankRngStates, global_step, resolve_ckpt_path
 from vlp.rundir import keep_launch_config, remove_interrupted_writes
 from vlp.sweep import in_sweep, record_failure, reject_lightning_spawner
@@ -84,7 +83,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                               plugins=[AtomicCheckpointIO()], **fusion_ddp_options(cfg))
         reject_lightning_spawner(trainer)
-        with attention_kernels(trainer):
+        with attention_kernels(trainer.strategy.root_device.type, str(trainer.precision)):
             trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
     if datamodule.val_set is not None and lit.validated_at_step != trainer.global_step:
         trainer.validate(lit, datamodule=datamodule, verbose=False)
@@ -94,14 +93,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         print(summary(metrics, run_dir))
     return metrics
-
-
-def attention_kernels(trainer: pl.Trainer) -> AbstractContextManager:
-    """bf16 attention on the CPU through torch's math kernel: its fused CPU kernel is ~3x slower
-    in the bf16 backward, which made attention a third of a bf16 step (BENCHMARKS.md)."""
-    if isinstance(trainer.accelerator, CPUAccelerator) and "bf16" in str(trainer.precision):
-        return sdpa_kernel([SDPBackend.MATH])
-    return nullcontext()
 
 
 def fusion_ddp_options(cfg: DictConfig) -> dict:

@@ -79,3 +79,27 @@ def test_training_steps_see_trimmed_batches(tmp_path):
     TokenShapes.seen.clear()
     train(cfg)
     assert TokenShapes.seen and all(length % 8 == 0 and length <= 32 for _, length in TokenShapes.seen)  # of 77
+
+
+def _ddp_worker(rank, init_method, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    ddp = DistributedDataParallel(model())  # broadcasts buffers at every forward
+    captions = CAPTIONS if rank == 0 else CAPTIONS[:1] * 3  # the ranks' batches differ in length
+    tokens = trim_padding(ddp.module.tokenizer(captions))
+    for _ in range(2):
+        out = ddp(torch.randn(3, 3, 64, 64), tokens)
+        ContrastiveLoss()(out.image_features, out.text_features, out.logit_scale).loss.backward()
+    torch.save({"length": tokens.shape[1], "grad": ddp.module.logit_scale.grad}, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ranks_with_batches_of_different_lengths_train_together_under_ddp(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(f"file://{tmp_path}/init", str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["length"] != ranks[1]["length"]
+    torch.testing.assert_close(ranks[0]["grad"], ranks[1]["grad"])  # gradients were all-reduced

@@ -33,9 +33,15 @@ def trim_padding(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
 
 
 def accept_shorter_batches(text_tower: TextTransformer) -> None:
-    """Makes `text_tower` slice its causal mask to each batch's length (the mask stays a buffer,
-    so it moves with the model, and leaves the state dict as it was)."""
-    text_tower.register_buffer("full_attn_mask", text_tower.attn_mask, persistent=False)
+    """Makes `text_tower` slice its causal mask to each batch's length.
+
+    The full mask stays a buffer (it moves with the model; non-persistent, so the state dict is as
+    it was); the slice in use is a plain attribute: as a buffer, DDP would broadcast it, and the
+    ranks' batches differ in length.
+    """
+    full = text_tower._buffers.pop("attn_mask")
+    text_tower.register_buffer("full_attn_mask", full, persistent=False)
+    text_tower.attn_mask = full
     text_tower.register_forward_pre_hook(_slice_causal_mask)
 
 
