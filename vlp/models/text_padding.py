@@ -7,6 +7,7 @@ a batch gives the same features and gradients for less work. The trainer trims e
 host before it moves to the device (no synchronisation), to a multiple of 8 (tensor-core shapes,
 and few distinct shapes for torch.compile); the tower takes its causal mask at the batch's length.
 """
+import numpy as np
 import torch
 import torch.nn as nn
 from open_clip.transformer import TextTransformer
@@ -22,12 +23,13 @@ def trims_exactly(text_tower: nn.Module) -> bool:
 
 
 def trim_padding(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
-    """(B, L) token ids less the all-padding columns at the end, kept to a multiple of 8.
+    """(B, L) token ids on the host, less the all-padding columns at the end, kept to a multiple of 8.
 
-    Call it on the host (it reads the batch's length); the model's tokenizer keeps the full length,
-    which plain open_clip models need.
+    Read through numpy: a batch still on the host costs no device synchronisation, and a device
+    tensor is refused rather than read. The model's tokenizer keeps the full length, which plain
+    open_clip models need.
     """
-    used = (tokens != pad_id).any(dim=0).nonzero()
+    used = np.flatnonzero((tokens.numpy() != pad_id).any(axis=0))
     length = int(used[-1]) + 1 if len(used) else 1
     return tokens[:, :min(tokens.shape[1], -(-length // MULTIPLE) * MULTIPLE)]
 
