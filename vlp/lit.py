@@ -164,6 +164,12 @@ class VLPLitModule(pl.LightningModule):
         if self.device.type == "cuda":  # the allocator's host-side counter
             self.log("train/peak_gpu_memory_gb", _on_host(torch.cuda.max_memory_allocated(self.device) / 2**30))
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Lightning frees the gradients between the next forward and its backward, so they would sit
+        # through that forward's activation peak: one more copy of the weights. Free them now.
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_optimizers(self):
         kwargs = self.optimizer_factory.keywords
         groups = param_groups(self.model, kwargs.get("weight_decay", 0.0), kwargs["lr"],

@@ -1,0 +1,29 @@
+"""Memory held across training steps on Lightning's own call path."""
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra import compose, initialize_config_dir
+
+from vlp.train import train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+class GradientsAtBatchStart(pl.Callback):
+    seen: list[int] = []  # Hydra builds the callback; the test reads what it saw
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        GradientsAtBatchStart.seen.append(sum(p.grad is not None for p in pl_module.parameters()))
+
+
+def test_the_last_steps_gradients_are_freed_before_the_next_forward(tmp_path):
+    # they would otherwise sit through the forward's activation peak: one more copy of the weights
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"paths.data_dir={tmp_path}", "debug=fast", "model=clip_micro", "data.val.urls=null", "logger=csv",
+            "trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'run'}",
+            f"+callbacks.grads._target_={__name__}.GradientsAtBatchStart"])
+    cfg.paths.run_dir = str(tmp_path / "run")
+    GradientsAtBatchStart.seen.clear()
+    train(cfg)
+    assert GradientsAtBatchStart.seen == [0, 0, 0]
