@@ -4,6 +4,7 @@
     python scripts/benchmark.py --models ViT-B-32 --batch-size 16 --steps 30 --skip 5
     python scripts/benchmark.py --scaling --memory-batches 32 64 128
     python scripts/benchmark.py --device gpu --models ViT-B-32 ViT-B-16 --precision bf16 --batch-size 256
+    python scripts/benchmark.py --models vlp-clip-tiny --vlp-overrides model.compile=true
 
 Runs alternate (open_clip, vlp, open_clip, vlp, ...) because machines are shared and noisy.
 Each run trains `--steps` steps with the same global batch, workers, optimiser and model; the
@@ -28,6 +29,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -111,12 +113,13 @@ def run_vlp(args, model: str, precision: str, batch: int, world: int, steps: int
            f"model.towers.arch={model}", f"data.batch_size={batch // world}", f"data.num_workers={args.workers}",
            *trainer, f"trainer.max_steps={steps}", f"trainer.precision={PRECISIONS[precision][1]}",
            "data.val.urls=null", "logger=csv", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-           "optim.lr=5e-4", "optim.weight_decay=0.2", "scheduler.warmup_steps=100"]
+           "optim.lr=5e-4", "optim.weight_decay=0.2", "scheduler.warmup_steps=100", *args.vlp_overrides]
     rss = timed(cmd, work / f"{tag}.log", world, args.cores)
     with open(run_dir / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     rates = [float(r["train/samples_per_second"]) * world for r in rows if r.get("train/samples_per_second")]
     gpu = [float(r["train/peak_gpu_memory_gb"]) * 1024 for r in rows if r.get("train/peak_gpu_memory_gb")]
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # GBs at ViT-B sizes; the logs stay
     return Run(rates[args.skip:], rss, max(gpu) if gpu else None)
 
 
@@ -170,6 +173,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="data workers per process")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--vlp-overrides", nargs="*", default=[],
+                        help="Hydra overrides for the vlp runs, e.g. a switch to measure: model.trim_text_padding=false")
     parser.add_argument("--scaling", action="store_true", help="also 1 vs 2 processes, first model and precision")
     parser.add_argument("--memory-batches", type=int, nargs="*", default=[],
                         help="also peak memory at these global batches (first model and precision, one round)")
