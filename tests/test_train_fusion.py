@@ -1,4 +1,9 @@
 """`vlp-train` with a fusion transformer, as users run it: each design, the recipes, DDP, resume."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -71,3 +76,18 @@ def test_micro_batching_with_fusion_is_refused_in_one_line(tmp_path, data_dir):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "micro_batch_size does not combine with model.fusion" in output
     assert "Traceback" not in output
+
+
+def test_hard_negatives_split_by_kind_average_to_the_validation_metrics(tmp_path, data_dir):
+    run = tmp_path / "run"
+    metrics = vlp_train(run, data_dir, "fusion=cross_attention", *FAST)
+    script = Path(__file__).parents[1] / "scripts" / "hard_negative_kinds.py"
+    proc = subprocess.run([sys.executable, str(script), str(run / "checkpoints" / "last.ckpt"),
+                           "--val-samples", str(VAL_SAMPLES)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^(colours swapped|relation reversed|objects swapped) +contrastive +([\d.]+)% +ITM +([\d.]+)%$",
+                      proc.stdout, re.MULTILINE)
+    assert [kind for kind, _, _ in rows] == ["colours swapped", "relation reversed", "objects swapped"]
+    contrastive, itm = (sum(float(row[i]) for row in rows) / 300 for i in (1, 2))  # mean of three percentages
+    assert contrastive == pytest.approx(metrics["val/hard_negative_acc"], abs=1e-3)
+    assert itm == pytest.approx(metrics["val/itm_hard_negative_acc"], abs=1e-3)
