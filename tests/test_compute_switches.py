@@ -4,13 +4,19 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
+import pytorch_lightning as pl
 import torch
+from hydra import compose, initialize_config_dir
 
 from vlp.checkpoint import load_model
+from vlp.cli import BadInput
 from vlp.data.synthetic import write_dataset
 from vlp.models import VLPModel, open_clip_towers
 from vlp.models.attention import attention_kernels
+from vlp.train import train
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +87,33 @@ def test_bf16_on_the_cpu_runs_attention_through_the_math_kernel():
     for device, precision in (("cpu", "32-true"), ("cuda", "bf16-mixed")):
         with attention_kernels(device, precision):
             assert torch.backends.cuda.flash_sdp_enabled()
+
+
+class MatmulPrecisionSeen(pl.Callback):
+    seen: list[str] = []  # Hydra builds the callback; the test reads what it saw
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        MatmulPrecisionSeen.seen.append(torch.get_float32_matmul_precision())
+
+
+def compose_fast(tmp_path, data_dir, *overrides):
+    with initialize_config_dir(str(Path(__file__).parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "debug=fast", f"paths.data_dir={data_dir}", "data.prepare=null", "data.train.num_samples=256",
+            "data.val.urls=null", "logger=csv", f"hydra.run.dir={tmp_path}", *overrides])
+    cfg.paths.run_dir = str(tmp_path)
+    return cfg
+
+
+def test_float32_matmul_precision_holds_while_training_and_is_restored(tmp_path, data_dir):
+    before = torch.get_float32_matmul_precision()
+    MatmulPrecisionSeen.seen.clear()
+    train(compose_fast(tmp_path, data_dir, "float32_matmul_precision=medium",
+                       f"+callbacks.precision._target_={__name__}.MatmulPrecisionSeen"))
+    assert MatmulPrecisionSeen.seen and set(MatmulPrecisionSeen.seen) == {"medium"}
+    assert torch.get_float32_matmul_precision() == before == "highest"
+
+
+def test_float32_matmul_precision_must_be_one_of_torchs(tmp_path, data_dir):
+    with pytest.raises(BadInput, match="float32_matmul_precision='low': choose one of highest, high, medium"):
+        train(compose_fast(tmp_path, data_dir, "float32_matmul_precision=low"))

@@ -186,6 +186,7 @@ class TrainConf:
     ckpt_path: Optional[str] = None  # resume from this checkpoint
     init_from: Optional[str] = None  # weights only (vlp .ckpt or vlp-export folder): a new run from step 0
     micro_batch_size: Optional[int] = None  # contrastive-exact micro-batching (feature cache), per device
+    float32_matmul_precision: str = "medium"  # torch's: highest | high | medium (faster float32 products)
     optimized_metric: Optional[str] = "val/zeroshot_top1"  # what `vlp-train` returns to sweepers
     tags: List[str] = field(default_factory=list)
 

@@ -14,12 +14,13 @@ import os
 import sys
 import traceback
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -52,6 +53,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with training.input_errors_as_bad_input():  # one line until training starts, a traceback after
         if cfg.micro_batch_size is not None and cfg.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be positive or null, got {cfg.micro_batch_size}")
+        if cfg.float32_matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"float32_matmul_precision={cfg.float32_matmul_precision!r}: choose one of "
+                             f"{', '.join(MATMUL_PRECISIONS)}")
         if cfg.micro_batch_size and cfg.trainer.gradient_clip_val:
             raise ValueError("micro_batch_size cannot be combined with trainer.gradient_clip_val yet "
                              "(Lightning clips gradients only when it steps the optimiser itself)")
@@ -83,16 +87,38 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                               plugins=[AtomicCheckpointIO()], **fusion_ddp_options(cfg))
         reject_lightning_spawner(trainer)
-        with attention_kernels(trainer.strategy.root_device.type, str(trainer.precision)):
+        with float32_matmul_precision(cfg.float32_matmul_precision), \
+                attention_kernels(trainer.strategy.root_device.type, str(trainer.precision)):
             trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
     if datamodule.val_set is not None and lit.validated_at_step != trainer.global_step:
-        trainer.validate(lit, datamodule=datamodule, verbose=False)
+        with float32_matmul_precision(cfg.float32_matmul_precision):
+            trainer.validate(lit, datamodule=datamodule, verbose=False)
     metrics = {"global_step": trainer.global_step}
     metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         print(summary(metrics, run_dir))
     return metrics
+
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's
+
+
+@contextmanager
+def float32_matmul_precision(precision: str):
+    """torch's float32 matmul precision for the run, the process's own restored after it.
+
+    "medium" lets torch pick faster kernels for float32 matrix products: TF32 on NVIDIA GPUs (which
+    open_clip_train enables there too), oneDNN's bf16-capable ones on CPUs. On this project's
+    CPU (AVX-512 bf16) they ran 1.7-2.8x faster at 4e-7 relative error against plain float32's
+    2.5e-7 (bf16 inputs would give 2e-3; BENCHMARKS.md).
+    """
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def fusion_ddp_options(cfg: DictConfig) -> dict:
