@@ -84,8 +84,11 @@ def test_bf16_on_the_cpu_runs_attention_through_the_math_kernel():
     with attention_kernels("cpu", "bf16-mixed"):
         assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
     assert torch.backends.cuda.flash_sdp_enabled()  # only while training
-    for device, precision in (("cpu", "32-true"), ("cuda", "bf16-mixed")):
-        with attention_kernels(device, precision):
+    with attention_kernels("cpu", "32-true", "medium"):  # float32 products on the bf16 units too
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    for device, precision, matmul in (("cpu", "32-true", "highest"), ("cuda", "bf16-mixed", "medium"),
+                                      ("cuda", "32-true", "medium")):
+        with attention_kernels(device, precision, matmul):
             assert torch.backends.cuda.flash_sdp_enabled()
 
 

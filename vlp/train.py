@@ -88,7 +88,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                               plugins=[AtomicCheckpointIO()], **fusion_ddp_options(cfg))
         reject_lightning_spawner(trainer)
         with float32_matmul_precision(cfg.float32_matmul_precision), \
-                attention_kernels(trainer.strategy.root_device.type, str(trainer.precision)):
+                attention_kernels(trainer.strategy.root_device.type, str(trainer.precision),
+                                  cfg.float32_matmul_precision):
             trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
     if datamodule.val_set is not None and lit.validated_at_step != trainer.global_step:
         with float32_matmul_precision(cfg.float32_matmul_precision):

@@ -4,10 +4,12 @@ from contextlib import AbstractContextManager, nullcontext
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def attention_kernels(device_type: str, precision: str) -> AbstractContextManager:
-    """bf16 attention on the CPU through torch's math kernel: its fused CPU kernel is ~3x slower in
-    the bf16 backward, which made attention a third of a bf16 step (BENCHMARKS.md). Elsewhere
-    torch's own choice."""
-    if device_type == "cpu" and "bf16" in precision:
+def attention_kernels(device_type: str, precision: str, float32_matmul_precision: str = "highest"
+                      ) -> AbstractContextManager:
+    """Attention on the CPU through torch's math kernel when matrix products run on bf16 units
+    (bf16 training, or float32 at `medium` matmul precision): torch's fused CPU kernel is then
+    ~3-6x slower in its backward, which made attention a third of a step or more (BENCHMARKS.md),
+    while the math kernel's products take the fast path. Elsewhere torch's own choice."""
+    if device_type == "cpu" and ("bf16" in precision or float32_matmul_precision == "medium"):
         return sdpa_kernel([SDPBackend.MATH])
     return nullcontext()
