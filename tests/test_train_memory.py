@@ -1,4 +1,6 @@
 """Memory held across training steps on Lightning's own call path."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -27,3 +29,13 @@ def test_the_last_steps_gradients_are_freed_before_the_next_forward(tmp_path):
     GradientsAtBatchStart.seen.clear()
     train(cfg)
     assert GradientsAtBatchStart.seen == [0, 0, 0]
+
+
+def test_training_entry_points_import_lightning_without_scipy_signal():
+    # torchmetrics imports scipy.signal for a shim of its own tests: ~80 MB in every process
+    code = ("import sys, vlp.train, vlp.evaluate; "
+            "assert 'torchmetrics' in sys.modules and 'scipy.signal' not in sys.modules, 'scipy.signal imported'; "
+            "import scipy.signal; assert hasattr(scipy.signal, 'windows'), 'stand-in left behind'; "
+            "from torchmetrics.functional.text import bleu_score; "
+            "assert bleu_score(['a red circle left of a blue square'], [['a red circle left of a blue square']]) == 1")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import vlp.lightning_import  # noqa: F401  (first: Lightning without scipy.signal, see there)
 import hydra
 import torch
 import torch.nn as nn

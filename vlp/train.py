@@ -18,6 +18,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
 
+import vlp.lightning_import  # noqa: F401  (first: Lightning without scipy.signal, see there)
 import hydra
 import pytorch_lightning as pl
 import torch
