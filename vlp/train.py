@@ -8,6 +8,7 @@
     vlp-train hydra.run.dir=runs/x ckpt_path=auto      # resume runs/x from its last checkpoint, if any
     vlp-train -m optim.lr=1e-4,3e-4             # sweep
 """
+import gc
 import json
 import logging
 import os
@@ -166,6 +167,10 @@ def hydra_app(cfg: DictConfig) -> Optional[float]:
         if in_sweep():  # a failed trial is recorded as failed; the sweep goes on
             return record_failure(Path(cfg.paths.run_dir), err, traceback.format_exc())
         raise
+    finally:
+        # the trainer, model and optimiser hold reference cycles: freed now, not at the next full
+        # collection, so a sweep's next trial (or the exit) starts without them
+        gc.collect()
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
 
 
