@@ -12,10 +12,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from test_train import TRAIN_SAMPLES, VAL_SAMPLES, cli, data_dir, run_cli  # noqa: F401 (data_dir: fixture)
 from vlp.checkpoint import load_model
+from vlp.resume import global_step
 
 ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
 SMALL = [f"data.prepare.train_samples={TRAIN_SAMPLES}", f"data.prepare.val_samples={VAL_SAMPLES}",
@@ -128,3 +130,29 @@ def test_optuna_sweep_through_submitit_local_writes_one_run_directory_per_trial_
     results = (tmp_path / "optimization_results.yaml").read_text()
     assert f"best_value: {max(values)}" in results
     assert "sweep of 3 trials" in proc.stdout
+
+
+class FailOnRank(pl.Callback):
+    """Raises on one rank only, at a step: a bad sample or a device error on one node."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            raise RuntimeError(f"injected failure on rank {self.rank}")
+
+
+@pytest.mark.timeout(600)
+def test_a_failure_on_one_ddp_rank_ends_the_run_instead_of_hanging(tmp_path, data_dir):
+    # the other rank is blocked in the step's gradient all-reduce; a collective checkpoint save on
+    # the failing rank would wait for it until the process group times out (30 minutes)
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "vlp.train", *SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}",
+           "trainer=ddp", "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=6",
+           "data.val.urls=null", "logger=csv", "model=clip_micro", "callbacks.checkpoint.every_n_train_steps=2",
+           f"+callbacks.fail._target_={__name__}.FailOnRank", "+callbacks.fail.rank=1", "+callbacks.fail.step=3"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stderr
+    assert global_step(tmp_path / "checkpoints" / "last.ckpt") == 2  # the last save before the failure is intact

@@ -46,11 +46,22 @@ def global_step(path: Path) -> int:
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """Lightning's `ModelCheckpoint` that also saves `last.ckpt` at the final step.
+    """Lightning's `ModelCheckpoint` that also saves `last.ckpt` at the final step, and never
+    hangs a multi-process run that fails on one rank.
 
     Lightning saves `last.ckpt` at the end of training only when it never saved one before, so
     a run whose last step is not a multiple of `every_n_train_steps` would end on an older one.
     """
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Saving is collective (Lightning's barrier, every rank's random state). An error raised on
+        # one rank leaves the others blocked in the step's all-reduce, so saving would wait for
+        # them until the process group times out (30 minutes); only Ctrl-C reaches every rank.
+        if trainer.world_size > 1 and not isinstance(exception, KeyboardInterrupt):
+            log.error("rank %d failed (%s); with %d ranks no checkpoint is saved on a failure: the last one "
+                      "in %s is kept", trainer.global_rank, type(exception).__name__, trainer.world_size, self.dirpath)
+            return
+        super().on_exception(trainer, pl_module, exception)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step and not self._should_skip_saving_checkpoint(trainer):
