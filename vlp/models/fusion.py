@@ -32,20 +32,24 @@ class _Inputs(nn.Module):
     """Per-modality projections to the fusion width; learned positions for the image tokens.
 
     Text tokens carry the text tower's positions already; image tokens from a ResNet feature
-    map carry none, so every design adds its own.
+    map carry none, so every design adds its own. The projected image content is layer-normed
+    and the positions start at a fifth of its scale: a feature map's values are far larger than
+    a 0.02-scale embedding, which left where a thing is invisible to the attention
+    (tests/models/test_fusion.py: no design learnt which side of the image an object is on).
     """
 
     def __init__(self, image_width: int, text_width: int, width: int, num_image_tokens: int):
         super().__init__()
         self.image_proj = nn.Linear(image_width, width)
+        self.image_norm = nn.LayerNorm(width)
         self.text_proj = nn.Linear(text_width, width)
-        self.image_pos = nn.Parameter(torch.randn(num_image_tokens, width) * 0.02)
+        self.image_pos = nn.Parameter(torch.randn(num_image_tokens, width) * 0.2)
 
     def forward(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
         if image.shape[1] != len(self.image_pos):
             raise ValueError(f"the fusion was built for {len(self.image_pos)} image tokens, got "
                              f"{image.shape[1]} (a different image size than the model's?)")
-        return self.image_proj(image) + self.image_pos, self.text_proj(text)
+        return self.image_norm(self.image_proj(image)) + self.image_pos, self.text_proj(text)
 
 
 class _Fusion(nn.Module):
