@@ -76,6 +76,12 @@ def test_training_lowers_the_loss_and_writes_checkpoint_and_metrics(tmp_path, da
     model = load_model(run / "checkpoints" / "last.ckpt")
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert torch.equal(model.logit_scale, state["model.logit_scale"])
+    # ... and one with weights this model lacks (a newer vlp's) is refused, not loaded in part
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint["state_dict"]["model.fusion.inputs.image_norm.weight"] = torch.ones(4)
+    torch.save(checkpoint, tmp_path / "newer.ckpt")
+    with pytest.raises(ValueError, match="unexpected, ignored: fusion.inputs.image_norm.weight"):
+        load_model(tmp_path / "newer.ckpt")
     assert (run / ".hydra" / "config.yaml").exists()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 

@@ -65,7 +65,8 @@ def load_model(path: Union[str, Path]) -> VLPModel:
     with weights_loaded_later():
         model = instantiate(model_cfg)
     report = load_weights(model, path)
-    if report.missing or report.mismatched:
+    # unexpected keys too: a checkpoint of a newer vlp would otherwise lose those weights silently
+    if report.missing or report.mismatched or report.unexpected:
         raise ValueError(f"{path} does not fit its own config: {report}")
     return model.eval()
 
