@@ -34,8 +34,8 @@ class _Inputs(nn.Module):
     Text tokens carry the text tower's positions already; image tokens from a ResNet feature
     map carry none, so every design adds its own. The projected image content is layer-normed
     and the positions start at a fifth of its scale: a feature map's values are far larger than
-    a 0.02-scale embedding, which left where a thing is invisible to the attention
-    (tests/models/test_fusion.py: no design learnt which side of the image an object is on).
+    a 0.02-scale embedding, which left where a thing is invisible to the attention (with that,
+    no design learnt which side of the image an object is on: tests/models/test_fusion.py).
     """
 
     def __init__(self, image_width: int, text_width: int, width: int, num_image_tokens: int):
