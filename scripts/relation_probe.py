@@ -32,6 +32,14 @@ from vlp.models.tokens import image_tokens
 WIDTH, PATCH = 128, 8
 
 
+def drawn_objects(seed: int, index: int) -> list[dict]:
+    """The objects of a training image with their coordinates, which its metadata leaves out:
+    `synthetic.render_sample`'s first random draws, repeated."""
+    rng = np.random.default_rng([seed, synthetic.SPLITS["train"], index])
+    count = 1 + int(rng.random() < 0.5)
+    return synthetic._sample_objects(rng, rng.choice(synthetic._TRAIN_IDS, size=count, replace=False))
+
+
 def position_swap_pairs(seed: int, count: int) -> list[tuple]:
     """(image, objects, caption, false caption) of the two-object images among the first `count`
     of a training split whose caption names where things are (they have a positions-swapped one)."""
@@ -39,10 +47,7 @@ def position_swap_pairs(seed: int, count: int) -> list[tuple]:
     for index in range(count):
         image, caption, meta = synthetic.render_sample(seed, "train", index)
         if len(meta.get("negatives") or []) == 2:  # colours swapped, positions swapped
-            rng = np.random.default_rng([seed, synthetic.SPLITS["train"], index])  # render_sample's draws
-            objects = synthetic._sample_objects(rng, rng.choice(synthetic._TRAIN_IDS, size=1 + int(rng.random() < 0.5),
-                                                                replace=False))
-            pairs.append((image, objects, caption, meta["negatives"][1]))
+            pairs.append((image, drawn_objects(seed, index), caption, meta["negatives"][1]))
     return pairs
 
 
