@@ -90,6 +90,7 @@ def encode(pairs: list[tuple], args, model) -> tuple:
 
 
 def text(captions: list[str], args, model) -> tuple:
+    """(tokens (B, L, W), padding (B, L), cls index (B,)) of captions: the tower's, or random vectors."""
     if args.text == "tower":
         return model.encode_text_tokens(model.tokenizer(captions))
     ids = args.tokenizer(captions)
@@ -112,8 +113,8 @@ def main() -> None:
     model = load_model(args.checkpoint).eval() if needs_model else None
     args.transform = image_transform_v2(PreprocessCfg(**model.preprocess) if model else PreprocessCfg(size=64), False)
     args.tokenizer = model.tokenizer if model else open_clip.get_tokenizer("ViT-B-32")
-    random = torch.Generator().manual_seed(1)
-    args.words, args.positions = torch.randn(49409, WIDTH, generator=random), torch.randn(77, WIDTH, generator=random)
+    draws = torch.Generator().manual_seed(1)  # the random text's fixed vectors, per word and per position
+    args.words, args.positions = torch.randn(49409, WIDTH, generator=draws), torch.randn(77, WIDTH, generator=draws)
     train, val = encode(position_swap_pairs(0, 9000), args, model), encode(position_swap_pairs(1, 1500), args, model)
     fusion = CrossAttentionFusion(train[0].shape[2], train[1][0].shape[2], train[0].shape[1], width=WIDTH, heads=4,
                                   layers=2)
