@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlp.data.synthetic import COLOURS, SHAPES, render_sample
 
@@ -43,3 +44,36 @@ def test_pairs_are_a_caption_and_its_positions_swapped_false_caption(probe):
     for _, objects, caption, false_caption in pairs:
         assert len(objects) == 2 and false_caption != caption
         assert where & set(caption.replace(".", "").split()), caption  # what the task is about
+
+
+def test_region_tokens_pool_each_objects_box(probe):
+    # channel 0 lights the left half of an 8×8 map, channel 1 the right half
+    feature_map = torch.zeros(1, 2, 8, 8)
+    feature_map[0, 0, :, :4], feature_map[0, 1, :, 4:] = 1.0, 1.0
+    left, right = [0.05, 0.3, 0.4, 0.6], [0.55, 0.1, 0.95, 0.5]
+    tokens = probe.region_tokens(feature_map, torch.tensor([[left, right]]))
+    assert tokens.shape == (1, 2, 8)
+    root2 = 2 ** 0.5  # layer-normed, then to unit norm
+    assert tokens[0, :, :2].tolist() == [pytest.approx([1 / root2, -1 / root2], abs=1e-3),
+                                         pytest.approx([-1 / root2, 1 / root2], abs=1e-3)]
+    assert tokens[0, 0, 2:].tolist() == pytest.approx([-1.8, -0.8, -0.4, 0.4, 1.4, 1.2])
+    assert tokens[0, 1, 2:].tolist() == pytest.approx([0.2, -1.6, 1.8, 0.0, 1.6, 1.6])
+
+
+def test_boxes_hold_the_whole_shape(probe):
+    objects = probe.drawn_objects(0, 0)
+    for box, obj in zip(probe.boxes(objects), objects):
+        assert box.tolist() == pytest.approx([obj["x"] - obj["radius"], obj["y"] - obj["radius"],
+                                              obj["x"] + obj["radius"], obj["y"] + obj["radius"]])
+        assert 0 <= box.min() and box.max() <= 1
+
+
+def test_own_words_embed_each_word_once_and_add_positions(probe):
+    ids = torch.tensor([[49406, 320, 736, 49407, 0], [49406, 736, 320, 49407, 0]])
+    embed = probe.OwnWords(ids, width=8)
+    tokens, padding, cls_index = embed(ids, ids == 0, ids.argmax(dim=-1))
+    assert len(embed.words.weight) == 5  # the words used, not the 49k vocabulary
+    words = tokens - embed.positions[:5]
+    assert torch.allclose(words[0, 1], words[1, 2]) and torch.allclose(words[0, 2], words[1, 1])
+    assert not torch.allclose(tokens[0, 1], tokens[1, 2])  # the same word at another position
+    assert padding.tolist() == [[False] * 4 + [True]] * 2 and cls_index.tolist() == [3, 3]
