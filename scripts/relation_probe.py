@@ -23,7 +23,6 @@ Prints the validation accuracy (images of dataset seed 1) every 200 steps; chanc
 """
 import argparse
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn as nn
@@ -40,40 +39,32 @@ from vlp.models.tokens import image_tokens
 WIDTH, PATCH = 128, 8
 
 
-def drawn_objects(seed: int, index: int) -> list[dict]:
-    """The objects of a training image with their coordinates, which its metadata leaves out:
-    `synthetic.render_sample`'s first random draws, repeated."""
-    rng = np.random.default_rng([seed, synthetic.SPLITS["train"], index])
-    count = 1 + int(rng.random() < 0.5)
-    return synthetic._sample_objects(rng, rng.choice(synthetic._TRAIN_IDS, size=count, replace=False))
-
-
 def position_swap_pairs(seed: int, count: int) -> list[tuple]:
     """(image, objects, caption, false caption) of the two-object images among the first `count`
-    of a training split whose caption names where things are (they have a positions-swapped one)."""
+    of a training split whose caption names where things are (they have a positions-swapped one);
+    the objects as the sample's json lists them, with their boxes."""
     pairs = []
     for index in range(count):
         image, caption, meta = synthetic.render_sample(seed, "train", index)
         if len(meta.get("negatives") or []) == 2:  # colours swapped, positions swapped
-            pairs.append((image, drawn_objects(seed, index), caption, meta["negatives"][1]))
+            pairs.append((image, meta["objects"], caption, meta["negatives"][1]))
     return pairs
 
 
 def object_tokens(objects: list[dict]) -> torch.Tensor:
-    """(2, 15): per object, colour and shape one-hot, x and y in [-2, 2], and a 1."""
+    """(2, 15): per object, colour and shape one-hot, its box centre's x and y in [-2, 2], and a 1."""
     tokens = torch.zeros(2, len(synthetic.COLOURS) + len(synthetic.SHAPES) + 3)
     for row, obj in zip(tokens, objects):
         row[list(synthetic.COLOURS).index(obj["colour"])] = 1
         row[len(synthetic.COLOURS) + synthetic.SHAPES.index(obj["shape"])] = 1
-        row[-3:] = torch.tensor([obj["x"] * 4 - 2, obj["y"] * 4 - 2, 1.0])
+        x1, y1, x2, y2 = obj["box"]
+        row[-3:] = torch.tensor([(x1 + x2) * 2 - 2, (y1 + y2) * 2 - 2, 1.0])
     return tokens
 
 
 def boxes(objects: list[dict]) -> torch.Tensor:
-    """(2, 4): each object's box (x1, y1, x2, y2) as a fraction of the image side: the square
-    around its circumcircle, which holds the whole shape."""
-    return torch.tensor([[o["x"] - o["radius"], o["y"] - o["radius"], o["x"] + o["radius"], o["y"] + o["radius"]]
-                         for o in objects], dtype=torch.float32)
+    """(2, 4): each object's box (x1, y1, x2, y2) in fractions of the image side."""
+    return torch.tensor([o["box"] for o in objects], dtype=torch.float32)
 
 
 def region_tokens(feature_map: torch.Tensor, image_boxes: torch.Tensor) -> torch.Tensor:

@@ -286,3 +286,23 @@ def test_colours_and_shapes_are_learnable_from_pixels(train_samples):
         assert (predicted == y[half:]).mean() > 0.9
     # Object colours stay saturated, hence distinct from the grey backgrounds.
     assert min(c.max() - c.min() for c in colours) > 80
+
+
+def test_each_objects_box_holds_it_closely(train_samples):
+    """The json's box of a single object contains every pixel of it, and the shape fills it."""
+    checked = 0
+    for image, _, meta in train_samples:
+        if len(meta["objects"]) != 1:
+            continue
+        pixels = np.asarray(image, dtype=float)
+        ys, xs = np.nonzero(_object_mask(pixels))
+        side = pixels.shape[0]
+        x1, y1, x2, y2 = np.array(meta["objects"][0]["box"]) * side
+        assert x1 - 1 <= xs.min() and xs.max() + 1 <= x2 + 1 and y1 - 1 <= ys.min() and ys.max() + 1 <= y2 + 1
+        assert xs.max() + 1 - xs.min() > 0.5 * (x2 - x1) and ys.max() + 1 - ys.min() > 0.5 * (y2 - y1)
+        checked += 1
+    assert checked > 100
+    two = next(meta for _, _, meta in train_samples if len(meta["objects"]) == 2)
+    a, b = (np.array(o["box"]) for o in two["objects"])
+    # the boxes' inscribed circles (the objects' circumcircles) do not overlap
+    assert np.hypot(*((a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2)) >= (a[2] - a[0] + b[2] - b[0]) / 2 - 1e-3

@@ -47,7 +47,7 @@ SIZES = {"small": 0.12, "medium": 0.17, "large": 0.23}  # circumradius / image s
 SPLITS = {"train": 0, "val": 1}
 
 # Bump whenever rendering or captions change, so cached datasets get regenerated.
-_VERSION = 4  # 4: questions (qa) beside 3's training negatives
+_VERSION = 5  # 5: each object's box; 4: questions (qa) beside 3's training negatives
 _SUPERSAMPLE = 4
 _MIN_IMAGE_SIZE = 16
 _HELDOUT_IDS = [CLASSNAMES.index(f"{c} {s}") for c, s in HELDOUT]
@@ -120,6 +120,12 @@ def _noun_phrase(rng, obj, determiner="a", position_p=0.0):
         name = obj["position"]
         phrase += " " + _EDGE_PHRASES.get(name, f"in the {name}")
     return phrase
+
+
+def _box(obj):
+    """[x1, y1, x2, y2] of the square around an object's circumcircle, in fractions of the image side."""
+    x, y, r = obj["x"], obj["y"], obj["radius"]
+    return [round(float(v), 4) for v in (x - r, y - r, x + r, y + r)]
 
 
 def _relation(a, b):
@@ -215,7 +221,9 @@ def render_sample(seed, split, index, image_size=64):
 
     Returns:
         (image, caption, meta): an RGB PIL image, the caption, and metadata
-        {"objects": [{"colour", "shape", "size", "position", "class"}, ...], "background"}
+        {"objects": [{"colour", "shape", "size", "position", "class", "box"}, ...], "background"},
+        where "box" is [x1, y1, x2, y2] in fractions of the image side: the square around the
+        object's circumcircle, which holds the whole shape (what a detector's box would give)
         and, for two-object val samples, "negatives": [caption, ...].
 
     Raises:
@@ -239,7 +247,7 @@ def render_sample(seed, split, index, image_size=64):
     else:
         caption = _relation_caption(*objects, _relation(*objects))
     public = ("colour", "shape", "size", "position", "class")
-    meta = {"objects": [{k: o[k] for k in public} for o in objects], "background": background}
+    meta = {"objects": [{k: o[k] for k in public} | {"box": _box(o)} for o in objects], "background": background}
     meta["qa"] = questions(objects, _relation)  # VQA: vlp.tasks.vqa_data reads it
     if negatives:
         meta["negatives"] = negatives
