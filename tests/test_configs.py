@@ -106,3 +106,13 @@ def test_align_recipe_is_efficientnet_bert_with_label_smoothing():
     arch = open_clip.get_model_config(cfg.model.towers.arch)
     assert arch["vision_cfg"]["timm_model_name"].startswith("efficientnet")
     assert arch["text_cfg"]["hf_model_name"] == "bert-base-uncased"
+
+
+def test_augmentation_is_set_from_the_command_line(tmp_path):
+    cfg = compose_train(["+data.augment.scale=[0.5,1.0]", "+data.augment.gray_scale_prob=0.2"], str(tmp_path))
+    model = instantiate(cfg.model)
+    datamodule = instantiate(cfg.data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
+    steps = datamodule.train_decoder.transform.transforms
+    crop = next(t for t in steps if type(t).__name__ == "RandomResizedCrop")
+    assert list(crop.scale) == [0.5, 1.0]
+    assert any(isinstance(t, open_clip.transform.gray_scale) for t in steps)

@@ -83,7 +83,9 @@ class DataConf:
     val: ValShardsConf = field(default_factory=ValShardsConf)
     batch_size: int = 64  # per device
     num_workers: int = 2  # per device
-    augment: Optional[Dict[str, Any]] = None  # open_clip AugmentationCfg fields
+    # open_clip AugmentationCfg fields, e.g. +data.augment.scale=[0.5,1.0] (a dict, not None: Hydra
+    # cannot add a key to a None node, so no override could set them)
+    augment: Dict[str, Any] = field(default_factory=dict)
     zeroshot: Optional[str] = None  # JSON with classnames and templates
     prepare: Any = None  # callable run once per node before reading
     image_key: str = "jpg;png;jpeg;webp"
