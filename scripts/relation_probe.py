@@ -141,11 +141,12 @@ class OwnWords(nn.Module):
 
 
 def text(captions: list[str], args, model) -> tuple:
-    """(tokens (B, L, W), padding (B, L), cls index (B,)) of captions: the tower's, or random vectors."""
+    """(tokens (B, L, W), padding (B, L), cls index (B,)) of captions: the tower's or random vectors;
+    for `words`, the token ids (B, L) in place of the tokens, which `OwnWords` embeds in training."""
     if args.text == "tower":
         return model.encode_text_tokens(model.tokenizer(captions))
     ids = args.tokenizer(captions)
-    if args.text == "words":  # embedded in training, by `OwnWords`
+    if args.text == "words":
         return ids, ids == 0, ids.argmax(dim=-1)
     return args.words[ids] + args.positions[:ids.shape[1]], ids == 0, ids.argmax(dim=-1)
 
