@@ -82,16 +82,18 @@ def test_vqa_without_fusion_fails_at_start_up_naming_the_fix(tmp_path, data_dir)
     assert "VQA needs a fusion model: add fusion=cross_attention|merged|co_attention" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("ddp", [[], ["trainer=ddp", "trainer.devices=2"]], ids=["1-process", "ddp"])
-def test_caption_trains_validates_and_vlp_caption_prints_captions(tmp_path, data_dir, ddp):
+# the recipe's ResNet CoCa in one process, open_clip's ViT CoCa (task=caption's default) under DDP
+@pytest.mark.parametrize("overrides", [["model=coca_rn_micro"], ["trainer=ddp", "trainer.devices=2"]],
+                         ids=["1-process-resnet", "ddp-vit"])
+def test_caption_trains_validates_and_vlp_caption_prints_captions(tmp_path, data_dir, overrides):
     run = tmp_path / "caption"
-    metrics = vlp_train(run, data_dir, "task=caption", *FAST, *ddp, "task.generation.max_len=6")
+    metrics = vlp_train(run, data_dir, "task=caption", *FAST, *overrides, "task.generation.max_len=6")
     assert metrics["val/num_samples"] == VAL_SAMPLES
     for key in ("val/caption_bleu4", "val/caption_cider", "val/caption_attr_acc"):
         assert 0.0 <= metrics[key] < 1.0  # four steps of training name no colour and shape right
     checkpoint = run / "checkpoints" / "last.ckpt"
     assert type(load_model(checkpoint).heads["caption"]).__name__ == "MultimodalTransformer"
-    if ddp:
+    if "trainer=ddp" in overrides:
         return
     shards = sorted((data_dir / "synthetic").glob("val-*.tar"))[0]
     proc = subprocess.run([sys.executable, "-m", "vlp.caption", str(checkpoint), str(shards), "--max-len", "6",

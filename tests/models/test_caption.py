@@ -1,11 +1,14 @@
 """CoCa captioning: the loss against open_clip's CoCa and CoCaLoss, and generation."""
+import json
+
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from open_clip.loss import CoCaLoss
 
 from vlp.models import VLPModel, open_clip_towers
-from vlp.models.caption import caption_forward, caption_loss, coca_text_decoder
+from vlp.models.caption import attention_pool_tokens, caption_forward, caption_loss, coca_text_decoder, encode_image_tokens
 from vlp.models.generate import EOT_ID, SOT_ID, decode, generate
 
 ARCH = "vlp-coca-micro"
@@ -33,6 +36,48 @@ def test_decoder_is_open_clips_coca_decoder_with_an_initialised_projection():
 def test_a_model_without_a_multimodal_decoder_is_refused():
     with pytest.raises(ValueError, match="CoCa architecture"):
         coca_text_decoder("vlp-clip-micro")
+
+
+def test_resnet_tokens_are_its_attention_pool_read_at_every_position():
+    torch.manual_seed(0)
+    tower = open_clip_towers("vlp-coca-rn-micro").image.eval()
+    pool = tower.attnpool
+    feature_map = torch.randn(2, pool.k_proj.in_features, 2, 2)
+    tokens = attention_pool_tokens(pool, feature_map)
+    # open_clip's own computation (AttentionPool2d.forward), keeping every query instead of the first
+    x = feature_map.flatten(2).permute(2, 0, 1)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x]) + pool.positional_embedding[:, None]
+    expected, _ = F.multi_head_attention_forward(
+        x, x, x, x.shape[-1], pool.num_heads, None,
+        torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None, None, False, 0.0,
+        pool.c_proj.weight, pool.c_proj.bias, use_separate_proj_weight=True, q_proj_weight=pool.q_proj.weight,
+        k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight, need_weights=False)
+    torch.testing.assert_close(tokens, expected.transpose(0, 1))
+    torch.testing.assert_close(tokens[:, 0], pool(feature_map))  # row 0: the pooled features
+
+
+def test_a_resnet_coca_captions_from_its_pooled_position_tokens():
+    torch.manual_seed(0)
+    towers = open_clip_towers("vlp-coca-rn-micro")
+    model = VLPModel(towers, heads={"caption": coca_text_decoder("vlp-coca-rn-micro")})
+    images, tokens = torch.randn(2, 3, 64, 64), model.tokenizer(CAPTIONS[:2])
+    pooled, image_tokens = encode_image_tokens(model, images)
+    assert image_tokens.shape == (2, 4, 128)  # the 2x2 final feature map, at the decoder's width
+    torch.testing.assert_close(pooled, model.encode_image(images))  # contrastive features unchanged
+    out = caption_forward(model, images, tokens)
+    caption_loss(out.logits, out.labels).backward()
+    # the decoder reads the pool at every position: its value projection learns from captions alone
+    assert towers.image.attnpool.v_proj.weight.grad.abs().sum() > 0
+    assert generate(model.eval(), images, "greedy", max_len=6).shape[0] == 2
+
+
+def test_a_resnet_whose_tokens_do_not_fit_the_decoder_is_refused(tmp_path):
+    cfg = open_clip.get_model_config("vlp-coca-rn-micro")
+    cfg["multimodal_cfg"] = dict(cfg["multimodal_cfg"], width=64)
+    (tmp_path / "vlp-test-coca-rn-misfit.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    with pytest.raises(ValueError, match="embed_dim=128.*width 64"):
+        coca_text_decoder("vlp-test-coca-rn-misfit")
 
 
 def test_loss_and_features_equal_open_clips_coca(coca_and_model):

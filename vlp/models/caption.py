@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.coca_model import _build_text_decoder_tower
+from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 
 PAD_ID = 0  # open_clip's tokenizer pads with 0; CoCaLoss ignores it
 
@@ -20,15 +21,20 @@ def coca_text_decoder(arch: str) -> nn.Module:
     """open_clip's multimodal text decoder for a CoCa architecture, randomly initialised.
 
     Args:
-        arch: an open_clip architecture with a `multimodal_cfg` (the `coca_*` family, `vlp-coca-micro`).
+        arch: an open_clip architecture with a `multimodal_cfg` (the `coca_*` family, `vlp-coca-micro`,
+            `vlp-coca-rn-micro`).
 
     Raises:
-        ValueError: the architecture has no multimodal decoder.
+        ValueError: the architecture has no multimodal decoder, or its ResNet's tokens do not fit it.
     """
     cfg = open_clip.get_model_config(arch)
     if not cfg or "multimodal_cfg" not in cfg:
         raise ValueError(f"model.heads.caption needs a CoCa architecture (coca_*, vlp-coca-micro); "
                          f"model.towers.arch={arch!r} has no multimodal_cfg")
+    width = cfg["multimodal_cfg"].get("width", 512)
+    if isinstance(cfg["vision_cfg"]["layers"], (list, tuple)) and cfg["embed_dim"] != width:
+        raise ValueError(f"{arch}: a ResNet image tower's tokens come out at embed_dim={cfg['embed_dim']}, "
+                         f"but the decoder reads width {width} (multimodal_cfg.width): make them equal")
     # open_clip's own builder, so the decoder (and its state dict) is exactly CoCa's
     decoder = _build_text_decoder_tower(cfg["text_cfg"]["vocab_size"], cfg["multimodal_cfg"],
                                         quick_gelu=cfg.get("quick_gelu", False))
@@ -46,13 +52,35 @@ class CaptionOutput(NamedTuple):
 
 
 def encode_image_tokens(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled image features (B, D) normalised, image tokens (B, N, W)) from a CoCa image tower."""
-    output = model.image_tower(images)
+    """(pooled image features (B, D) normalised, image tokens (B, N, D)) from a CoCa image tower.
+
+    A CoCa ViT's attentional pooler returns both. CLIP's ResNet (`ModifiedResNet`, e.g.
+    `vlp-coca-rn-micro`) gives its attention pool read at every position of the last feature map.
+    """
+    tower = model.image_tower
+    if isinstance(tower, ModifiedResNet):
+        feature_map = tower.forward_intermediates(images, indices=1, intermediates_only=True)["image_intermediates"][-1]
+        tokens = attention_pool_tokens(tower.attnpool, feature_map)
+        return F.normalize(tokens[:, 0], dim=-1), tokens[:, 1:]
+    output = tower(images)
     if not isinstance(output, tuple):
         raise ValueError("captioning needs an image tower that returns tokens (a CoCa architecture, e.g. "
-                         "model.towers.arch=vlp-coca-micro or coca_ViT-B-32)")
+                         "model.towers.arch=vlp-coca-micro, vlp-coca-rn-micro or coca_ViT-B-32)")
     pooled, tokens = output
     return F.normalize(pooled, dim=-1), tokens
+
+
+def attention_pool_tokens(pool: AttentionPool2d, feature_map: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + H*W, D): CLIP's ResNet attention pool with every position as a query, not only the mean.
+
+    Row 0 is the pool's own output (the pooled features); row 1 + i is position i read the same way,
+    projected to the embedding width like the tokens of a CoCa ViT's attentional pooler.
+    """
+    x = feature_map.flatten(2).transpose(1, 2)  # (B, H*W, C)
+    x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + pool.positional_embedding.to(x.dtype)
+    heads = [projection(x).unflatten(-1, (pool.num_heads, -1)).transpose(1, 2)
+             for projection in (pool.q_proj, pool.k_proj, pool.v_proj)]
+    return pool.c_proj(F.scaled_dot_product_attention(*heads).transpose(1, 2).flatten(2))
 
 
 def decoder_states(decoder: nn.Module, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
