@@ -52,6 +52,18 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path, tiny_hf_arch
     assert all(instantiate(c) for c in cfg.callbacks.values())
 
 
+def test_a_pretrained_coca_brings_its_decoder_to_task_caption(tmp_path):
+    torch.manual_seed(0)
+    coca = open_clip.create_model("vlp-coca-micro")
+    torch.nn.init.normal_(coca.text_decoder.text_projection)  # open_clip leaves it uninitialised
+    path = tmp_path / "coca.pt"
+    torch.save(coca.state_dict(), path)
+    model = instantiate(compose_train(["task=caption", f"model.towers.pretrained={path}"]).model)
+    for name, module in (("visual", model.image_tower), ("text_decoder", model.heads["caption"])):
+        for key, value in getattr(coca, name).state_dict().items():
+            torch.testing.assert_close(module.state_dict()[key], value)
+
+
 def test_default_config_is_the_small_model_on_synthetic_data_on_cpu():
     cfg = compose_train()
     assert cfg.model.towers.arch.startswith("vlp-clip")

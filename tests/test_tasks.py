@@ -1,17 +1,22 @@
 """`vlp-train task=caption|vqa` end to end as users run them: training, validation metrics,
-checkpoints that rebuild, init_from, 2-process gloo DDP, and `vlp-caption`."""
+checkpoints that rebuild, init_from, 2-process gloo DDP, `vlp-caption`, and a CoCa export that
+open_clip runs."""
 import json
 import subprocess
 import sys
 
+import open_clip
 import pytest
 import torch
 from hydra.utils import instantiate
+from open_clip.loss import CoCaLoss
 from test_train import TRAIN_SAMPLES, VAL_SAMPLES, run_cli
 from test_train import vlp_train as _vlp_train
 
 from vlp.checkpoint import load_model, load_weights
 from vlp.data.synthetic import write_dataset
+from vlp.export import export
+from vlp.models.caption import caption_forward, caption_loss
 
 FUSION = ["fusion=cross_attention", "model.fusion.width=64", "model.fusion.layers=1"]
 FAST = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.precision=32-true", "data.batch_size=16"]
@@ -94,6 +99,7 @@ def test_caption_trains_validates_and_vlp_caption_prints_captions(tmp_path, data
     checkpoint = run / "checkpoints" / "last.ckpt"
     assert type(load_model(checkpoint).heads["caption"]).__name__ == "MultimodalTransformer"
     if "trainer=ddp" in overrides:
+        _open_clip_runs_the_exported_coca(checkpoint, tmp_path / "export")
         return
     shards = sorted((data_dir / "synthetic").glob("val-*.tar"))[0]
     proc = subprocess.run([sys.executable, "-m", "vlp.caption", str(checkpoint), str(shards), "--max-len", "6",
@@ -101,3 +107,17 @@ def test_caption_trains_validates_and_vlp_caption_prints_captions(tmp_path, data
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == VAL_SAMPLES and all(line.startswith("val_") and "\t" in line for line in lines)
+
+
+def _open_clip_runs_the_exported_coca(checkpoint, out_dir):
+    """open_clip's CoCa loads a vlp-export folder, decoder included, and computes the same caption loss."""
+    export(checkpoint, out_dir)
+    coca = open_clip.create_model(f"local-dir:{out_dir}").eval()  # a strict load: the decoder must be there
+    model = load_model(checkpoint).eval()
+    images, tokens = torch.randn(2, 3, 64, 64), model.tokenizer(["a red circle .", "two shapes : a blue star ."])
+    with torch.no_grad():
+        ref, out = coca(images, tokens), caption_forward(model, images, tokens)
+    expected = CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=0.0)(
+        ref["image_features"], ref["text_features"], ref["logits"], ref["labels"], ref["logit_scale"])[1]
+    torch.testing.assert_close(caption_loss(out.logits, out.labels), expected)
+

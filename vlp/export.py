@@ -4,11 +4,11 @@
     python -c "import open_clip; open_clip.create_model_and_transforms('local-dir:exports/demo')"
 
 OUT_DIR receives `open_clip_config.json` (`model_cfg`, `preprocess_cfg`, and vlp's model config
-under `vlp_config`), `open_clip_model.safetensors` (the two towers and `logit_scale` [+ `logit_bias`]
-under open_clip's names) and, for Hugging Face tokenizers, the tokenizer files. open_clip, and
-tools built on it such as clip_benchmark, load the folder without vlp. open_clip's CLIP has no
-fusion module or heads: a model that has them also gets `vlp_model.safetensors`, the whole
-VLPModel, which `vlp.load`, `init_from` and `vlp-eval` read.
+under `vlp_config`), `open_clip_model.safetensors` (the two towers, a CoCa's caption decoder and
+`logit_scale` [+ `logit_bias`] under open_clip's names) and, for Hugging Face tokenizers, the
+tokenizer files. open_clip, and tools built on it such as clip_benchmark, load the folder without
+vlp. open_clip has no fusion module or other heads: a model that has them also gets
+`vlp_model.safetensors`, the whole VLPModel, which `vlp.load`, `init_from` and `vlp-eval` read.
 """
 import argparse
 import copy
@@ -28,7 +28,8 @@ from vlp.models import VLPModel
 from vlp.models.towers import hf_text_cfg
 from vlp.models.weights import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, VLP_WEIGHTS
 
-_TOWER_PREFIXES = {"image_tower.": "visual.", "text_tower.": "text."}
+# open_clip's names; a CoCa's decoder (vlp's heads.caption) is open_clip's text_decoder
+_TOWER_PREFIXES = {"image_tower.": "visual.", "text_tower.": "text.", "heads.caption.": "text_decoder."}
 
 
 def export(source: Union[str, Path], out_dir: Union[str, Path]) -> Path:
@@ -55,7 +56,8 @@ def export(source: Union[str, Path], out_dir: Union[str, Path]) -> Path:
 
 
 def open_clip_state_dict(model: VLPModel) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The towers and temperature under open_clip's (custom-text CLIP) names, and the keys left out."""
+    """The towers (and a CoCa's decoder) and temperature under open_clip's (custom-text CLIP or CoCa)
+    names, and the keys left out."""
     state, rest = {}, []
     for key, value in model.state_dict().items():
         prefix = next((p for p in _TOWER_PREFIXES if key.startswith(p)), None)

@@ -1,5 +1,6 @@
 """CoCa captioning: the loss against open_clip's CoCa and CoCaLoss, and generation."""
 import json
+import logging
 
 import open_clip
 import pytest
@@ -78,6 +79,25 @@ def test_a_resnet_whose_tokens_do_not_fit_the_decoder_is_refused(tmp_path):
     open_clip.add_model_config(tmp_path)
     with pytest.raises(ValueError, match="embed_dim=128.*width 64"):
         coca_text_decoder("vlp-test-coca-rn-misfit")
+
+
+def test_a_pretrained_cocas_decoder_comes_with_it(tmp_path, caplog):
+    torch.manual_seed(3)
+    coca = open_clip.create_model(ARCH)
+    coca.text_decoder = coca_text_decoder(ARCH)
+    path = tmp_path / "open_clip_coca.pt"
+    torch.save(coca.state_dict(), path)  # an open_clip checkpoint file, like the ones its tags download
+    decoder = coca_text_decoder(ARCH, pretrained=str(path))
+    for key, value in coca.text_decoder.state_dict().items():
+        torch.testing.assert_close(decoder.state_dict()[key], value)
+    clip = tmp_path / "clip.pt"
+    torch.save(open_clip.create_model("vlp-clip-micro").state_dict(), clip)
+    with caplog.at_level(logging.INFO, logger="vlp.models.caption"):
+        fresh = coca_text_decoder(ARCH, pretrained=str(clip))
+    assert "clip.pt holds no CoCa decoder: model.heads.caption starts from random weights" in caplog.text
+    assert not torch.equal(fresh.text_projection, coca.text_decoder.text_projection)
+    with pytest.raises(ValueError, match="'no-such-tag' is neither a file nor an open_clip tag of vlp-coca-micro"):
+        coca_text_decoder(ARCH, pretrained="no-such-tag")
 
 
 def test_loss_and_features_equal_open_clips_coca(coca_and_model):

@@ -5,7 +5,9 @@ their pooled features: the image tower's attentional pooler gives (pooled, image
 tower's appended [CLS] gives (pooled, text tokens). The decoder cross-attends from the causal text
 tokens to the image tokens and predicts the next token, as in open_clip's `CoCa.forward`.
 """
-from typing import NamedTuple
+import logging
+from pathlib import Path
+from typing import NamedTuple, Optional
 
 import open_clip
 import torch
@@ -14,15 +16,22 @@ import torch.nn.functional as F
 from open_clip.coca_model import _build_text_decoder_tower
 from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 
+from vlp.models.weights import read_state_dict
+
+log = logging.getLogger(__name__)
+
 PAD_ID = 0  # open_clip's tokenizer pads with 0; CoCaLoss ignores it
 
 
-def coca_text_decoder(arch: str) -> nn.Module:
-    """open_clip's multimodal text decoder for a CoCa architecture, randomly initialised.
+def coca_text_decoder(arch: str, pretrained: Optional[str] = None, cache_dir: Optional[str] = None) -> nn.Module:
+    """open_clip's multimodal text decoder for a CoCa architecture, randomly initialised or pretrained.
 
     Args:
         arch: an open_clip architecture with a `multimodal_cfg` (the `coca_*` family, `vlp-coca-micro`,
             `vlp-coca-rn-micro`).
+        pretrained: what `model.towers.pretrained` names (an open_clip tag, an open_clip checkpoint file,
+            a vlp checkpoint or export): its decoder weights when it has them, else a logged fresh start.
+        cache_dir: where tagged weights are downloaded to.
 
     Raises:
         ValueError: the architecture has no multimodal decoder, or its ResNet's tokens do not fit it.
@@ -41,7 +50,24 @@ def coca_text_decoder(arch: str) -> nn.Module:
     # open_clip leaves the vocabulary projection as torch.empty (its init_parameters is never called):
     # initialise it as that method intends, so no run starts from whatever memory held
     nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
+    if pretrained:
+        _load_pretrained_decoder(decoder, arch, pretrained, cache_dir)
     return decoder
+
+
+def _load_pretrained_decoder(decoder: nn.Module, arch: str, pretrained: str, cache_dir: Optional[str]) -> None:
+    path = pretrained
+    if not Path(pretrained).exists():
+        cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+        if not cfg:
+            raise ValueError(f"model.towers.pretrained={pretrained!r} is neither a file nor an open_clip tag of {arch}")
+        path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+    prefix = "heads.caption."  # read_state_dict renames open_clip's text_decoder. to vlp's name
+    state = {k.removeprefix(prefix): v for k, v in read_state_dict(path).items() if k.startswith(prefix)}
+    if not state:
+        log.info("%s holds no CoCa decoder: model.heads.caption starts from random weights", pretrained)
+        return
+    decoder.load_state_dict(state)  # strict: the weights of this architecture's decoder, all of them
 
 
 class CaptionOutput(NamedTuple):

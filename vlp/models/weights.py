@@ -7,7 +7,8 @@ Accepted paths (the same for `init_from`, `model.towers.pretrained`, `vlp.load` 
   present (the whole model, fusion and heads included), else `open_clip_model.safetensors`;
 - a `.safetensors` file in either layout.
 
-open_clip's layout (`visual.`, `text.`) is renamed to vlp's (`image_tower.`, `text_tower.`).
+open_clip's layout (`visual.`, `text.`, a CoCa's `text_decoder.`) is renamed to vlp's (`image_tower.`,
+`text_tower.`, `heads.caption.`).
 Tensors are read with `torch.load(weights_only=True)` or safetensors: reading never runs code from the file.
 """
 import logging
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's local-dir format, as vlp-export writes it
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 VLP_WEIGHTS = "vlp_model.safetensors"  # the whole VLPModel (fusion and heads too), beside the open_clip files
-_OPEN_CLIP_PREFIXES = {"visual.": "image_tower.", "text.": "text_tower."}
+_OPEN_CLIP_PREFIXES = {"visual.": "image_tower.", "text.": "text_tower.", "text_decoder.": "heads.caption."}
 
 
 class LoadReport(NamedTuple):
