@@ -1,9 +1,11 @@
 """`vlp-train task=caption|vqa` end to end as users run them: training, validation metrics,
-checkpoints that rebuild, init_from, 2-process gloo DDP, `vlp-caption`, and a CoCa export that
-open_clip runs."""
+checkpoints that rebuild, init_from, 2-process gloo DDP, `vlp-caption`, a CoCa export that open_clip
+runs, and `scripts/caption_shape_probe.py`."""
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -107,6 +109,7 @@ def test_caption_trains_validates_and_vlp_caption_prints_captions(tmp_path, data
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == VAL_SAMPLES and all(line.startswith("val_") and "\t" in line for line in lines)
+    _caption_shape_probe_reads_three_sets(checkpoint)
 
 
 def _open_clip_runs_the_exported_coca(checkpoint, out_dir):
@@ -121,3 +124,15 @@ def _open_clip_runs_the_exported_coca(checkpoint, out_dir):
         ref["image_features"], ref["text_features"], ref["logits"], ref["labels"], ref["logit_scale"])[1]
     torch.testing.assert_close(caption_loss(out.logits, out.labels), expected)
 
+
+def _caption_shape_probe_reads_three_sets(checkpoint):
+    script = Path(__file__).parents[1] / "scripts" / "caption_shape_probe.py"
+    proc = subprocess.run([sys.executable, str(script), str(checkpoint), "--images", "8"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^(.+?) +shape right +([\d.]+)% +mean p\(true shape\) ([\d.]+) +\(8 images\)$",
+                      proc.stdout, re.MULTILINE)
+    assert [name for name, _, _ in rows] == ["held-out pairs, true colour", "training pairs, true colour",
+                                             "held-out pairs, seen colour"]
+    for _, right, p_true in rows:  # a share of the 8 images, and a mean probability
+        assert float(right) % 12.5 == 0 and 0 <= float(p_true) <= 1
