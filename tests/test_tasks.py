@@ -110,6 +110,10 @@ def test_caption_trains_validates_and_vlp_caption_prints_captions(tmp_path, data
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == VAL_SAMPLES and all(line.startswith("val_") and "\t" in line for line in lines)
     _caption_shape_probe_reads_three_sets(checkpoint)
+    exported = subprocess.run([sys.executable, "-m", "vlp.export", str(checkpoint), str(tmp_path / "export")],
+                              capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "note: open_clip's CoCa cannot run a ResNet image tower" in exported.stdout
 
 
 def _open_clip_runs_the_exported_coca(checkpoint, out_dir):
