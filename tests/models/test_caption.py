@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from open_clip.loss import CoCaLoss
 
 from vlp.models import VLPModel, open_clip_towers
-from vlp.models.caption import attention_pool_tokens, caption_forward, caption_loss, coca_text_decoder, encode_image_tokens
+from vlp.models.caption import (attention_pool_tokens, caption_forward, caption_loss, coca_text_decoder,
+                                encode_image_tokens)
 from vlp.models.generate import EOT_ID, SOT_ID, decode, generate
 
 ARCH = "vlp-coca-micro"
