@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     print(f"exported {args.source} to {out_dir}{left_out}; open_clip loads it as "
           f"open_clip.create_model_and_transforms('local-dir:{out_dir}')", file=sys.stdout)
     model_cfg = json.loads((out_dir / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
-    if "multimodal_cfg" in model_cfg and isinstance(model_cfg["vision_cfg"]["layers"], list):
+    if "multimodal_cfg" in model_cfg and isinstance(model_cfg["vision_cfg"].get("layers"), list):
         print("note: open_clip's CoCa cannot run a ResNet image tower (it expects tokens from it): "
               "caption with vlp (vlp.load, vlp-caption)", file=sys.stdout)
 

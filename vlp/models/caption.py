@@ -41,7 +41,7 @@ def coca_text_decoder(arch: str, pretrained: Optional[str] = None, cache_dir: Op
         raise ValueError(f"model.heads.caption needs a CoCa architecture (coca_*, vlp-coca-micro); "
                          f"model.towers.arch={arch!r} has no multimodal_cfg")
     width = cfg["multimodal_cfg"].get("width", 512)
-    if isinstance(cfg["vision_cfg"]["layers"], (list, tuple)) and cfg["embed_dim"] != width:
+    if isinstance(cfg["vision_cfg"].get("layers"), (list, tuple)) and cfg["embed_dim"] != width:
         raise ValueError(f"{arch}: a ResNet image tower's tokens come out at embed_dim={cfg['embed_dim']}, "
                          f"but the decoder reads width {width} (multimodal_cfg.width): make them equal")
     # open_clip's own builder, so the decoder (and its state dict) is exactly CoCa's
