@@ -93,6 +93,7 @@ class DataConf:
     label_key: str = "cls"
     seed: int = II("seed")
     prefetch_factor: int = 4  # batches each worker prepares ahead
+    max_boxes: int = 0  # region boxes per sample (json `boxes`), for model.fusion.image_input=regions
 
 
 @dataclass

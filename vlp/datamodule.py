@@ -60,6 +60,8 @@ class VLPDataModule(pl.LightningDataModule):
         image_key, caption_key, label_key: webdataset extensions to read.
         seed: base seed of the shard and sample shuffling.
         prefetch_factor: batches each worker prepares ahead.
+        max_boxes: region boxes read per sample from its json `boxes` (`vlp.data.boxes`), for a
+            fusion that reads regions; 0: none.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class VLPDataModule(pl.LightningDataModule):
         label_key: str = "cls",
         seed: int = 0,
         prefetch_factor: int = 4,
+        max_boxes: int = 0,
     ):
         super().__init__()
         if batch_size < 1:
@@ -87,7 +90,7 @@ class VLPDataModule(pl.LightningDataModule):
         self.prefetch_factor = prefetch_factor
         self.zeroshot_path, self.prepare = zeroshot, prepare
         preprocess_cfg = PreprocessCfg(**preprocess)
-        keys = dict(image_key=image_key, caption_key=caption_key, label_key=label_key)
+        keys = dict(image_key=image_key, caption_key=caption_key, label_key=label_key, max_boxes=max_boxes)
         self.train_decoder = SampleDecoder(image_transform_v2(preprocess_cfg, True, augment), **keys)
         self.val_decoder = SampleDecoder(image_transform_v2(preprocess_cfg, False), **keys)
         self.tokenizer = tokenizer

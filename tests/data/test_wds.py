@@ -180,8 +180,8 @@ def test_decoder_reads_configured_keys():
     sample = {"__key__": "k", "webp": b"", "jpg": _png((0, 255, 0)), "caption": "hello".encode(), "label": b"3"}
     dec = SampleDecoder(image_transform_v2(PreprocessCfg(size=(8, 8)), False), image_key="jpg",
                         caption_key="caption", label_key="label")
-    image, caption, label, negatives = dec(sample)
-    assert image.shape == (3, 8, 8) and caption == "hello" and label == 3
+    image, caption, label, negatives, boxes = dec(sample)
+    assert image.shape == (3, 8, 8) and caption == "hello" and label == 3 and boxes is None
     with pytest.raises(KeyError, match="no caption"):
         decoder()({"__key__": "k", "png": _png((0, 0, 0))})
     assert torch.is_tensor(image)

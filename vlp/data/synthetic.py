@@ -47,7 +47,7 @@ SIZES = {"small": 0.12, "medium": 0.17, "large": 0.23}  # circumradius / image s
 SPLITS = {"train": 0, "val": 1}
 
 # Bump whenever rendering or captions change, so cached datasets get regenerated.
-_VERSION = 5  # 5: each object's box; 4: questions (qa) beside 3's training negatives
+_VERSION = 6  # 6: the boxes as a detector's list; 5: each object's box; 4: questions (qa) beside 3's training negatives
 _SUPERSAMPLE = 4
 _MIN_IMAGE_SIZE = 16
 _HELDOUT_IDS = [CLASSNAMES.index(f"{c} {s}") for c, s in HELDOUT]
@@ -223,8 +223,9 @@ def render_sample(seed, split, index, image_size=64):
         (image, caption, meta): an RGB PIL image, the caption, and metadata
         {"objects": [{"colour", "shape", "size", "position", "class", "box"}, ...], "background"},
         where "box" is [x1, y1, x2, y2] in fractions of the image side: the square around the
-        object's circumcircle, which holds the whole shape (what a detector's box would give)
-        and, for two-object val samples, "negatives": [caption, ...].
+        object's circumcircle, which holds the whole shape (what a detector's box would give),
+        "boxes": the same boxes as a list (the field region-token fusions read), and, for
+        two-object val samples, "negatives": [caption, ...].
 
     Raises:
         ValueError: On an unknown split.
@@ -248,6 +249,7 @@ def render_sample(seed, split, index, image_size=64):
         caption = _relation_caption(*objects, _relation(*objects))
     public = ("colour", "shape", "size", "position", "class")
     meta = {"objects": [{k: o[k] for k in public} | {"box": _box(o)} for o in objects], "background": background}
+    meta["boxes"] = [o["box"] for o in meta["objects"]]  # the region boxes vlp.data.boxes reads
     meta["qa"] = questions(objects, _relation)  # VQA: vlp.tasks.vqa_data reads it
     if negatives:
         meta["negatives"] = negatives

@@ -84,11 +84,11 @@ class QuestionDecoder:
         self.index = {a: i for i, a in enumerate(answers)}
         self.num_answers = num_answers or len(answers)
 
-    def __call__(self, sample: dict) -> list[tuple[torch.Tensor, str, dict, list]]:
+    def __call__(self, sample: dict) -> list[tuple[torch.Tensor, str, dict, list, Optional[torch.Tensor]]]:
         qa = read_qa(sample, self.qa_key)
-        image = self.images.image(sample)
-        # (image, text, label, hard negative captions) like SampleDecoder's examples; questions have no negatives
+        image, boxes = self.images.image(sample)
+        # (image, text, label, hard negative captions, boxes) like SampleDecoder's; questions have no negatives
         labelled = self.images.label_key in sample  # synthetic validation: the held-out pairs
         return [(image, q["question"], {"scores": answer_scores(q["answers"], self.index, self.num_answers),
-                                        "answer_type": q.get("answer_type", ""), "labelled": labelled}, [])
+                                        "answer_type": q.get("answer_type", ""), "labelled": labelled}, [], boxes)
                 for q in qa]

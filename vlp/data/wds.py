@@ -1,7 +1,8 @@
 """webdataset shards -> decoded samples -> batches.
 
 Shards hold `{key}.jpg|png|webp` + `{key}.txt` (+ `{key}.cls` for labelled evaluation
-data, + `{key}.json` whose `negatives` lists hard negative captions for evaluation). Two streams are built on webdataset's tar reading and shuffling:
+data, + `{key}.json` whose `negatives` lists hard negative captions and whose `boxes` lists
+region boxes, `vlp.data.boxes`). Two streams are built on webdataset's tar reading and shuffling:
 
 - `TrainStream`: an endless shard stream (resampled with replacement, or each rank and
   worker cycling over its own disjoint subset), cut into exactly `num_batches` batches
@@ -26,6 +27,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
+from vlp.data.boxes import BoxedTransform
+
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = "jpg;png;jpeg;webp"
@@ -39,6 +42,7 @@ class Batch(NamedTuple):
     skipped: int  # samples skipped since the previous batch of this worker
     negative_tokens: Optional[torch.Tensor] = None  # (M, L) hard negative captions of the batch's samples
     negative_index: Optional[torch.Tensor] = None  # (M,) the sample each negative belongs to
+    boxes: Optional[torch.Tensor] = None  # (B, R, 4) region boxes (x1, y1, x2, y2) in fractions of the image
 
 
 def expand_urls(urls: Union[str, Sequence[str]]) -> list[str]:
@@ -89,7 +93,7 @@ def _check_one_split(folder: str, shards: list[str]) -> None:
 
 
 class SampleDecoder:
-    """Raw webdataset sample -> (image tensor, caption, label, hard negative captions).
+    """Raw webdataset sample -> (image tensor, caption, label, hard negative captions, boxes).
 
     Args:
         transform: PIL image -> (3, H, W) tensor (open_clip's image transform).
@@ -97,33 +101,49 @@ class SampleDecoder:
         caption_key: extension holding the caption.
         label_key: extension holding an integer class index (optional in the data).
         meta_key: extension of a JSON object whose `negatives` (optional) lists captions that are
-            false for the image (hard-negative evaluation).
+            false for the image (hard-negative evaluation) and whose `boxes` (optional) lists
+            region boxes.
+        max_boxes: region boxes per sample (`vlp.data.boxes.BoxedTransform`); 0: boxes are not
+            read, and the decoded boxes are None.
     """
 
     def __init__(self, transform: Callable, image_key=IMAGE_KEYS, caption_key="txt", label_key="cls",
-                 meta_key="json"):
+                 meta_key="json", max_boxes: int = 0):
         self.transform = transform
+        self.boxed = BoxedTransform(transform, max_boxes) if max_boxes else None
         self.image_keys = image_key.split(";")
         self.caption_key = caption_key
         self.label_key = label_key
         self.meta_key = meta_key
 
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, str, int, list[str]]:
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, str, int, list[str], Optional[torch.Tensor]]:
         if self.caption_key not in sample:
             raise KeyError(f"no caption ({self.caption_key}) in sample {sample.get('__key__')}")
-        image = self.image(sample)
+        image, boxes = self.image(sample)
         caption = sample[self.caption_key].decode("utf-8")
         label = int(sample[self.label_key]) if self.label_key in sample else -1
-        negatives = json.loads(sample[self.meta_key]).get("negatives", []) if self.meta_key in sample else []
-        return image, caption, label, negatives
+        negatives = self._meta(sample).get("negatives", [])
+        return image, caption, label, negatives, boxes
 
-    def image(self, sample: dict) -> torch.Tensor:
-        """The sample's transformed image (3, H, W)."""
+    def image(self, sample: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The sample's transformed image (3, H, W) and its boxes (max_boxes, 4), None if not read."""
         image_key = next((k for k in self.image_keys if k in sample), None)
         if image_key is None:
             raise KeyError(f"no image ({';'.join(self.image_keys)}) in sample {sample.get('__key__')}")
         with Image.open(io.BytesIO(sample[image_key])) as image:
-            return self.transform(image.convert("RGB"))
+            if self.boxed is None:
+                return self.transform(image.convert("RGB")), None
+            return self.boxed(image.convert("RGB"), self._boxes(sample))
+
+    def _meta(self, sample: dict) -> dict:
+        return json.loads(sample[self.meta_key]) if self.meta_key in sample else {}
+
+    def _boxes(self, sample: dict) -> list:
+        boxes = self._meta(sample).get("boxes", [])
+        if not all(len(box) == 4 and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1 for box in boxes):
+            raise ValueError(f"sample {sample.get('__key__')}: `boxes` must be [x1, y1, x2, y2] lists in "
+                             f"fractions of the image, x1 < x2 and y1 < y2; got {boxes}")
+        return boxes
 
 
 class _FailureCounter:
@@ -165,8 +185,9 @@ def _batches(samples: Iterable[dict], decode: SampleDecoder, tokenizer: Callable
 
 def _collate(decoded, tokenizer, failures) -> Batch:
     skipped, failures.pending = failures.pending, 0
-    images, captions, labels, negatives = zip(*decoded)
-    batch = Batch(torch.stack(images), tokenizer(list(captions)), default_collate(list(labels)), skipped)
+    images, captions, labels, negatives, boxes = zip(*decoded)
+    batch = Batch(torch.stack(images), tokenizer(list(captions)), default_collate(list(labels)), skipped,
+                  boxes=None if boxes[0] is None else torch.stack(boxes))
     owners = [i for i, captions in enumerate(negatives) for _ in captions]
     if not owners:
         return batch
