@@ -2,12 +2,14 @@
 
     python scripts/fusion_bench.py                     # default towers (vlp-clip-rn-micro), bf16, 3 rounds
     python scripts/fusion_bench.py --model vlp-clip-micro --steps 40 --rounds 5
+    python scripts/fusion_bench.py --regions           # also cross_attention over region tokens
 
 Same towers, batch, data and optimiser for every variant; the fusion runs train ITC + ITM + MLM
 (vlp's defaults with a fusion), with `--width`/`--layers` fusion layers. Runs alternate
-(none, cross_attention, merged, co_attention, none, ...) because the machine is shared and noisy;
-samples/s is the median of vlp's per-step log after `--skip` steps, peak RSS that of the largest
-process.
+(none, cross_attention, merged, co_attention, [cross_attention regions,] none, ...) because the
+machine is shared and noisy; `--regions` adds cross-attention over region tokens (two boxes per
+image, `model.fusion.image_input=regions`). Samples/s is the median of vlp's per-step log after
+`--skip` steps, peak RSS that of the largest process.
 """
 import argparse
 import csv
@@ -21,6 +23,7 @@ from benchmark import timed  # scripts/benchmark.py: runs a command, returns its
 from vlp.data.synthetic import write_dataset
 
 FUSIONS = ["null", "cross_attention", "merged", "co_attention"]
+REGIONS = "cross_attention regions"
 
 
 def run(args, fusion: str, data_dir: Path, work: Path, tag: str) -> tuple[float, int]:
@@ -31,7 +34,9 @@ def run(args, fusion: str, data_dir: Path, work: Path, tag: str) -> tuple[float,
            f"trainer.max_steps={args.steps}", f"trainer.precision={args.precision}", "data.val.urls=null",
            "logger=csv", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
     if fusion != "null":
-        cmd += [f"fusion={fusion}", f"model.fusion.width={args.width}", f"model.fusion.layers={args.layers}"]
+        design, *regions = fusion.split()
+        cmd += [f"fusion={design}", f"model.fusion.width={args.width}", f"model.fusion.layers={args.layers}"]
+        cmd += ["model.fusion.image_input=regions", "data.max_boxes=2"] if regions else []
     rss = timed(cmd, work / f"{tag}.log")
     with open(run_dir / "csv" / "metrics.csv") as f:
         rates = [float(r["train/samples_per_second"]) for r in csv.DictReader(f) if r.get("train/samples_per_second")]
@@ -49,13 +54,15 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--regions", action="store_true", help=f"also run {REGIONS!r}")
     args = parser.parse_args()
+    variants = FUSIONS + [REGIONS] * args.regions
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_dataset(work / "synthetic", train_samples=args.steps * args.batch_size, val_samples=64)
-        results = {f: [] for f in FUSIONS}
+        results = {f: [] for f in variants}
         for r in range(args.rounds):
-            for fusion in FUSIONS:
+            for fusion in variants:
                 results[fusion].append(run(args, fusion, work, work, f"{fusion}-{r}"))
                 print(f"round {r} {fusion}: {results[fusion][-1][0]:.1f} samples/s, {results[fusion][-1][1]} MB",
                       flush=True)

@@ -14,6 +14,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from vlp.checkpoint import load_model
+from vlp.data.boxes import BoxedTransform
 from vlp.data.synthetic import render_sample
 from vlp.eval.rerank import hard_negative_correct
 from vlp.fusion_losses import itm_match_scores
@@ -28,11 +29,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the dataset seed")
     args = parser.parse_args()
     model = load_model(args.checkpoint).eval()
-    transform = image_transform_v2(PreprocessCfg(**model.preprocess), is_train=False)
+    # the boxes, for a fusion that reads region tokens; the others ignore them
+    transform = BoxedTransform(image_transform_v2(PreprocessCfg(**model.preprocess), is_train=False), max_boxes=2)
     samples = [render_sample(args.seed, "val", i) for i in range(1, args.val_samples, 2)]  # odd: two objects
-    images = torch.stack([transform(image) for image, _, _ in samples])
+    images, boxes = (torch.stack(parts) for parts in zip(*(transform(image, meta["boxes"]) for image, _, meta in samples)))
     with torch.no_grad():
-        out = model(images, model.tokenizer([caption for _, caption, _ in samples]))
+        out = model(images, model.tokenizer([caption for _, caption, _ in samples]), boxes)
         true_cos = (out.image_features * out.text_features).sum(dim=1)
         if model.fusion is not None:
             true_itm = itm_match_scores(model, out.image_tokens, out.text_tokens, out.text_padding,

@@ -69,6 +69,13 @@ def test_vqa_fine_tunes_from_a_fusion_checkpoint(tmp_path, data_dir, pretrained_
     assert model.heads["vqa"].mlp[-1].out_features == 16
 
 
+def test_vqa_reads_region_tokens(tmp_path, data_dir):
+    metrics = vlp_train(tmp_path / "vqa", data_dir, "task=vqa", *FUSION, *FAST, "model.fusion.image_input=regions",
+                        "data.max_boxes=2")
+    assert metrics["global_step"] == 4 and metrics["val/num_samples"] == _questions(data_dir)
+    assert 0.0 <= metrics["val/vqa_acc"] <= 1.0
+
+
 def test_init_from_loads_matching_weights_exactly_and_reports_the_new_head(tmp_path, data_dir, pretrained_fusion):
     source = load_model(pretrained_fusion)
     config = torch.load(pretrained_fusion, map_location="cpu", weights_only=False)["vlp_config"]["model"]

@@ -60,6 +60,26 @@ def test_ddp_with_fusion_on_two_cpu_processes(tmp_path, data_dir):
     assert all(key in metrics for key in FUSION_METRICS)
 
 
+REGIONS = ["model.fusion.image_input=regions", "data.max_boxes=2"]
+
+
+def test_region_tokens_under_ddp_rebuild_from_the_checkpoint(tmp_path, data_dir):
+    run = tmp_path / "run"
+    metrics = vlp_train(run, data_dir, "fusion=merged", "trainer=ddp", *REGIONS, *fast(
+        "trainer.devices=2", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.precision=32-true"))
+    assert metrics["global_step"] == 2 and all(key in metrics for key in FUSION_METRICS)
+    model = load_model(run / "checkpoints" / "last.ckpt")
+    assert model.fusion.inputs.region_stage == 2 and "fusion.inputs.box_proj.weight" in model.state_dict()
+
+
+def test_region_tokens_without_boxes_are_refused_in_one_line(tmp_path, data_dir):
+    proc = run_cli("debug=fast", "fusion=cross_attention", "model.fusion.image_input=regions",
+                   f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "model.fusion.image_input=regions reads boxes: set data.max_boxes" in output
+    assert "Traceback" not in output
+
+
 @pytest.mark.parametrize("experiment", ["albef", "visualbert", "uniter", "lxmert", "fusion_synthetic"])
 def test_fusion_recipes_run_end_to_end_with_micro_towers_on_cpu(tmp_path, data_dir, experiment):
     small = [] if experiment == "fusion_synthetic" else [
@@ -78,9 +98,10 @@ def test_micro_batching_with_fusion_is_refused_in_one_line(tmp_path, data_dir):
     assert "Traceback" not in output
 
 
-def test_hard_negatives_split_by_kind_average_to_the_validation_metrics(tmp_path, data_dir):
+@pytest.mark.parametrize("inputs", [[], REGIONS], ids=["patches", "regions"])
+def test_hard_negatives_split_by_kind_average_to_the_validation_metrics(tmp_path, data_dir, inputs):
     run = tmp_path / "run"
-    metrics = vlp_train(run, data_dir, "fusion=cross_attention", *FAST)
+    metrics = vlp_train(run, data_dir, "fusion=cross_attention", *inputs, *FAST)
     script = Path(__file__).parents[1] / "scripts" / "hard_negative_kinds.py"
     proc = subprocess.run([sys.executable, str(script), str(run / "checkpoints" / "last.ckpt"),
                            "--val-samples", str(VAL_SAMPLES)], capture_output=True, text=True, timeout=300)

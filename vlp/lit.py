@@ -92,7 +92,7 @@ class VLPLitModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logging_step = self._logging_step()  # before a micro-batched step advances global_step
         if self.automatic_optimization:
-            out = self.model(batch.images, batch.tokens)
+            out = self.model(batch.images, batch.tokens, batch.boxes)
             loss = self.loss(out.image_features, out.text_features, *out.logit_args)
             total = self._with_fusion_objectives(loss.loss, out, batch)
         else:
@@ -189,7 +189,7 @@ class VLPLitModule(pl.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         # full precision: bf16 keeps ~3 significant digits, enough to flip near-tied predictions
         with torch.autocast(self.device.type, enabled=False):
-            out = self.model(batch.images, batch.tokens)
+            out = self.model(batch.images, batch.tokens, batch.boxes)
             if batch.negative_tokens is not None:
                 self._count_hard_negatives(out, batch)
         self._val_outputs.append((out.image_features.float(), out.text_features.float(), batch.labels))

@@ -70,6 +70,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             model = instantiate(cfg.model)
         if cfg.init_from:  # weights only: this run's optimiser and schedule start fresh at step 0
             log.info("init_from: %s", load_weights(model, cfg.init_from))
+        if getattr(model.fusion, "inputs", None) is not None and model.fusion.inputs.region_stage is not None \
+                and not cfg.data.get("max_boxes"):
+            raise ValueError("model.fusion.image_input=regions reads boxes: set data.max_boxes to the most "
+                             "boxes a sample's json `boxes` lists")
         datamodule = instantiate(cfg.data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
         task = instantiate(cfg.task, _partial_=True)  # the task's LightningModule (conf/task/): pretrain, vqa, caption
         lit = task(

@@ -69,8 +69,6 @@ def test_fusion_learns_which_side_of_the_image_an_object_is_on(fusion):
     background = torch.randn(64) * 2
     words = torch.randn(colours + 2, width)  # the colour words, then "left", "right"
     model = fusion(image_width=64, text_width=width, num_image_tokens=4, width=width, heads=2, layers=1)
-    head = nn.Linear(width, 1)
-    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=3e-3)
 
     def batch(n):
         colour, cell, claim = torch.randint(colours, (n,)), torch.randint(4, (n,)), torch.randint(2, (n,))
@@ -79,11 +77,20 @@ def test_fusion_learns_which_side_of_the_image_an_object_is_on(fusion):
         text = torch.stack([words[colour], words[colours + claim]], dim=1)
         return image, text, (claim == cell % 2).float()  # row-major 2x2: cells 0 and 2 are on the left
 
+    assert matching_accuracy(model, batch, steps=100) > 0.9
+
+
+def matching_accuracy(fusion: nn.Module, batch, steps: int) -> float:
+    """Trains `fusion` and a match head for `steps` AdamW steps on `batch(n)` -> (image tokens,
+    two text tokens each, whether they match); returns the accuracy on 512 fresh pairs."""
+    head = nn.Linear(fusion.width, 1)
+    optimizer = torch.optim.AdamW([*fusion.parameters(), *head.parameters()], lr=3e-3)
+
     def match_logits(image, text):
         padding, cls = torch.zeros(len(text), 2, dtype=torch.bool), torch.ones(len(text), dtype=torch.long)
-        return head(model(image, text, padding, cls).cls)[:, 0]
+        return head(fusion(image, text, padding, cls).cls)[:, 0]
 
-    for _ in range(100):
+    for _ in range(steps):
         image, text, match = batch(64)
         loss = nn.functional.binary_cross_entropy_with_logits(match_logits(image, text), match)
         optimizer.zero_grad()
@@ -91,8 +98,7 @@ def test_fusion_learns_which_side_of_the_image_an_object_is_on(fusion):
         optimizer.step()
     image, text, match = batch(512)
     with torch.no_grad():
-        accuracy = ((match_logits(image, text) > 0).float() == match).float().mean()
-    assert accuracy > 0.9
+        return ((match_logits(image, text) > 0).float() == match).float().mean().item()
 
 
 def test_state_dict_prefixes_with_fusion_and_mask_row():

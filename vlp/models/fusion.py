@@ -7,16 +7,21 @@ Three classic designs, built from torch.nn's transformer layers (scaled-dot-prod
 - `CoAttentionFusion` (LXMERT): two streams; each cross-attends to the other, then self-attends.
 
 Each is built by `VLPModel` from a partial (Hydra `_partial_: true`) that it completes with the
-towers' token widths and the number of image tokens. Every design returns fused text tokens,
+towers' token widths and the number of image tokens; what the fusion reads (`image_input`,
+`region_stage`: see `_Inputs`) is the same for all three. Every design returns fused text tokens,
 fused image tokens where it has them, and the fused [CLS]: the fused text token at the position
 the text tower pools (BERT's [CLS], CLIP's end of text), as in all three papers, where the text
 encoder's [CLS] is both the contrastive feature and the fused [CLS].
 """
+import inspect
+from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from vlp.models.regions import GEOMETRY
 
 
 class FusionOutput(NamedTuple):
@@ -29,39 +34,64 @@ class FusionOutput(NamedTuple):
 
 
 class _Inputs(nn.Module):
-    """Per-modality projections to the fusion width; learned positions for the image tokens.
+    """Per-modality projections to the fusion width, and where each token is.
 
-    Text tokens carry the text tower's positions already; image tokens from a ResNet feature
-    map carry none, so every design adds its own. The projected image content is layer-normed
-    and the positions start at a fifth of its scale: a feature map's values are far larger than
-    a 0.02-scale embedding, which left where a thing is invisible to the attention (with that,
-    no design learnt which side of the image an object is on: tests/models/test_fusion.py).
+    Image tokens (`image_input`):
+    - `patches`: the tower's last feature map or patch tokens, with learned positions. The
+      projected content is layer-normed and the positions start at a fifth of its scale: a
+      feature map's values are far larger than a 0.02-scale embedding, which left where a thing
+      is invisible to the attention (tests/models/test_fusion.py).
+    - `regions`: one token per box (`vlp.models.regions`) and one for the whole image, pooled
+      from the tower's feature map at `region_stage`. As in UNITER and LXMERT, the projected
+      features and the projected box are layer-normed apart and added, so neither drowns the other.
+
+    Text tokens are the text tower's outputs, which carry its positions.
     """
 
-    def __init__(self, image_width: int, text_width: int, width: int, num_image_tokens: int):
+    def __init__(self, image_width: int, text_width: int, width: int, num_image_tokens: int,
+                 image_input: str = "patches", region_stage: int = 2):
         super().__init__()
-        self.image_proj = nn.Linear(image_width, width)
+        if image_input not in ("patches", "regions"):
+            raise ValueError(f"model.fusion.image_input={image_input!r}: expected patches or regions")
+        self.region_stage = region_stage if image_input == "regions" else None
+        if self.region_stage is None:
+            self.image_proj = nn.Linear(image_width, width)
+            self.image_pos = nn.Parameter(torch.randn(num_image_tokens, width) * 0.2)
+        else:
+            self.image_proj = nn.Linear(image_width - GEOMETRY, width)
+            self.box_proj, self.box_norm = nn.Linear(GEOMETRY, width), nn.LayerNorm(width)
         self.image_norm = nn.LayerNorm(width)
         self.text_proj = nn.Linear(text_width, width)
-        self.image_pos = nn.Parameter(torch.randn(num_image_tokens, width) * 0.2)
 
     def forward(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
-        if image.shape[1] != len(self.image_pos):
+        if self.region_stage is not None:
+            features, box = image.split([image.shape[-1] - GEOMETRY, GEOMETRY], dim=-1)
+            image = self.image_norm(self.image_proj(features)) + self.box_norm(self.box_proj(box))
+        elif image.shape[1] != len(self.image_pos):
             raise ValueError(f"the fusion was built for {len(self.image_pos)} image tokens, got "
                              f"{image.shape[1]} (a different image size than the model's?)")
-        return self.image_norm(self.image_proj(image)) + self.image_pos, self.text_proj(text)
+        else:
+            image = self.image_norm(self.image_proj(image)) + self.image_pos
+        return image, self.text_proj(text)
+
+
+def input_options(fusion: partial) -> dict:
+    """`image_input` and `region_stage` of a fusion partial, defaults filled in: what the model
+    must compute for it before building it."""
+    defaults = inspect.signature(_Inputs.__init__).parameters
+    return {name: fusion.keywords.get(name, defaults[name].default) for name in ("image_input", "region_stage")}
 
 
 class _Fusion(nn.Module):
     """What the three designs share: sizes, input projections and the final norms."""
 
     def __init__(self, image_width: int, text_width: int, num_image_tokens: int, width: int, heads: int,
-                 dropout: float):
+                 dropout: float, **inputs):
         super().__init__()
         if width % heads:
             raise ValueError(f"model.fusion.width={width} is not divisible by model.fusion.heads={heads}")
         self.width, self.heads, self.dropout = width, heads, dropout
-        self.inputs = _Inputs(image_width, text_width, width, num_image_tokens)
+        self.inputs = _Inputs(image_width, text_width, width, num_image_tokens, **inputs)
         self.text_norm = nn.LayerNorm(width)
 
     def _layer(self, layer_type: type) -> nn.Module:
@@ -78,8 +108,8 @@ class CrossAttentionFusion(_Fusion):
     """ALBEF/BLIP: per layer, text self-attention, cross-attention to the image, MLP."""
 
     def __init__(self, image_width: int, text_width: int, num_image_tokens: int, width: int = 256,
-                 heads: int = 4, layers: int = 2, dropout: float = 0.0):
-        super().__init__(image_width, text_width, num_image_tokens, width, heads, dropout)
+                 heads: int = 4, layers: int = 2, dropout: float = 0.0, **inputs):
+        super().__init__(image_width, text_width, num_image_tokens, width, heads, dropout, **inputs)
         # a decoder layer without causal mask is exactly this block: self-attn, cross-attn, MLP
         self.layers = nn.ModuleList(self._layer(nn.TransformerDecoderLayer) for _ in range(layers))
 
@@ -94,8 +124,8 @@ class MergedFusion(_Fusion):
     """VisualBERT/UNITER/ViLT: bidirectional self-attention over [text; image] with type embeddings."""
 
     def __init__(self, image_width: int, text_width: int, num_image_tokens: int, width: int = 256,
-                 heads: int = 4, layers: int = 2, dropout: float = 0.0):
-        super().__init__(image_width, text_width, num_image_tokens, width, heads, dropout)
+                 heads: int = 4, layers: int = 2, dropout: float = 0.0, **inputs):
+        super().__init__(image_width, text_width, num_image_tokens, width, heads, dropout, **inputs)
         self.type_embedding = nn.Parameter(torch.randn(2, width) * 0.02)  # text, image
         self.layers = nn.ModuleList(self._layer(nn.TransformerEncoderLayer) for _ in range(layers))
         self.image_norm = nn.LayerNorm(width)
@@ -134,8 +164,8 @@ class CoAttentionFusion(_Fusion):
     """LXMERT: two streams exchanging information through co-attention in every layer."""
 
     def __init__(self, image_width: int, text_width: int, num_image_tokens: int, width: int = 256,
-                 heads: int = 4, layers: int = 2, dropout: float = 0.0):
-        super().__init__(image_width, text_width, num_image_tokens, width, heads, dropout)
+                 heads: int = 4, layers: int = 2, dropout: float = 0.0, **inputs):
+        super().__init__(image_width, text_width, num_image_tokens, width, heads, dropout, **inputs)
         self.layers = nn.ModuleList(_CoAttentionLayer(self) for _ in range(layers))
         self.image_norm = nn.LayerNorm(width)
 

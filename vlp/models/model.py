@@ -8,8 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlp.models.compile import can_compile, compile_options
-from vlp.models.fusion import FusionOutput
+from vlp.models.fusion import FusionOutput, input_options
 from vlp.models.heads import ITMHead, MLMHead
+from vlp.models.regions import check_region_support, feature_map, region_tokens
 from vlp.models.text_padding import accept_shorter_batches, trims_exactly
 from vlp.models.tokens import (add_mask_token, check_token_support, image_tokens, special_token_ids,
                                text_tokens, token_embedding)
@@ -22,7 +23,7 @@ class VLPOutput(NamedTuple):
     logit_scale: torch.Tensor  # scalar multiplier, exp of the learnable log-scale
     logit_bias: Optional[torch.Tensor]  # scalar added to the logits (sigmoid loss); None without
     # the towers' token sequences, only for a model with fusion
-    image_tokens: Optional[torch.Tensor] = None  # (B, N, W_img)
+    image_tokens: Optional[torch.Tensor] = None  # (B, N, W_img): patch or region tokens
     text_tokens: Optional[torch.Tensor] = None  # (B, L, W_txt)
     text_padding: Optional[torch.Tensor] = None  # (B, L), True at padding
     text_cls_index: Optional[torch.Tensor] = None  # (B,) position of the text's [CLS] (the pooled token)
@@ -117,22 +118,27 @@ class VLPModel(nn.Module):
 
     def _build_fusion(self, fusion: partial) -> nn.Module:
         check_token_support(self.image_tower, self.text_tower)
+        options = input_options(fusion)
+        region_stage = options["region_stage"] if options["image_input"] == "regions" else None
+        if region_stage is not None:
+            check_region_support(self.image_tower, region_stage)
         # added before locking, so a locked text tower keeps its [MASK] row frozen too
         self.text_vocab_size = token_embedding(self.text_tower).num_embeddings  # without an added [MASK]
         self.mask_token_id = add_mask_token(self.text_tower, self.tokenizer)
         self.special_token_ids = special_token_ids(self.text_tower, self.tokenizer)
-        image, text, _ = self._example_tokens()
+        image, text = self._example_tokens(region_stage)
         return fusion(image_width=image.shape[2], text_width=text.shape[2], num_image_tokens=image.shape[1])
 
     @torch.no_grad()
-    def _example_tokens(self) -> tuple[torch.Tensor, ...]:
-        """Token sequences of one blank image and one word, to size the fusion's inputs."""
+    def _example_tokens(self, region_stage: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and text token sequences of one blank image and one word, to size the fusion's inputs."""
         size = self.preprocess["size"]
         images = torch.zeros(1, 3, *((size, size) if isinstance(size, int) else size))
         modes = self.image_tower.training, self.text_tower.training
         self.image_tower.eval(), self.text_tower.eval()  # BatchNorm must not learn from the blank image
         try:
-            return self._tokens(images, self.tokenizer(["a"]))[2:5]
+            image = self._image_sequence(images, images.new_zeros(1, 0, 4), region_stage)[1]
+            return image, text_tokens(self.text_tower, self.tokenizer(["a"]))[1]
         finally:
             self.image_tower.train(modes[0]), self.text_tower.train(modes[1])
 
@@ -143,9 +149,20 @@ class VLPModel(nn.Module):
         return {"itm": ITMHead(self.fusion.width),
                 "mlm": MLMHead(self.fusion.width, embedding.embedding_dim, embedding.num_embeddings)}
 
-    def _tokens(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Pooled features and token sequences of both towers, one pass each."""
-        image_pooled, image_seq = image_tokens(self.image_tower, images)
+    def _image_sequence(self, images: torch.Tensor, boxes: Optional[torch.Tensor],
+                        region_stage: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features (B, D) and the fusion's image tokens: patches, or regions of `region_stage`."""
+        if region_stage is None:
+            return image_tokens(self.image_tower, images)
+        if boxes is None:
+            raise ValueError("the fusion reads region tokens (model.fusion.image_input=regions) but the batch "
+                             "has no boxes: set data.max_boxes, and give the samples' json a `boxes` list")
+        pooled, features = feature_map(self.image_tower, images, region_stage)
+        return pooled, region_tokens(features, boxes)
+
+    def _tokens(self, images: torch.Tensor, tokens: torch.Tensor, boxes: Optional[torch.Tensor]) -> tuple:
+        """Pooled features and the fusion's token sequences of both towers, one pass each."""
+        image_pooled, image_seq = self._image_sequence(images, boxes, self.fusion.inputs.region_stage)
         text_pooled, *text_sequence = text_tokens(self.text_tower, tokens)
         return image_pooled, text_pooled, image_seq, *text_sequence
 
@@ -170,10 +187,12 @@ class VLPModel(nn.Module):
         """
         self.logit_scale.clamp_(0, math.log(self.max_logit_scale))
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> VLPOutput:
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, boxes: Optional[torch.Tensor] = None) -> VLPOutput:
+        """Features of images (B, 3, H, W) and token ids (B, L); a fusion that reads region tokens
+        needs the images' boxes (B, R, 4) too (`vlp.data.boxes`)."""
         if self.fusion is None:
             return VLPOutput(self.encode_image(images), self.encode_text(tokens), self.scale(), self.logit_bias)
-        image_pooled, text_pooled, *sequences = self._tokens(images, tokens)
+        image_pooled, text_pooled, *sequences = self._tokens(images, tokens, boxes)
         return VLPOutput(F.normalize(image_pooled, dim=-1), F.normalize(text_pooled, dim=-1), self.scale(),
                          self.logit_bias, *sequences)
 
@@ -181,9 +200,9 @@ class VLPModel(nn.Module):
         """The text tower's token sequence (B, L, W_txt), padding mask (B, L) and [CLS] positions (B,)."""
         return text_tokens(self.text_tower, tokens)[1:]
 
-    def fuse(self, images: torch.Tensor, tokens: torch.Tensor) -> FusionOutput:
-        """Fuses images (B, 3, H, W) with token ids (B, L): both towers, then the fusion."""
-        out = self(images, tokens)
+    def fuse(self, images: torch.Tensor, tokens: torch.Tensor, boxes: Optional[torch.Tensor] = None) -> FusionOutput:
+        """Fuses images (B, 3, H, W) with token ids (B, L) (and boxes (B, R, 4) for region tokens)."""
+        out = self(images, tokens, boxes)
         return self.fusion(out.image_tokens, out.text_tokens, out.text_padding, out.text_cls_index)
 
     def mlm_logits(self, fused_text: torch.Tensor) -> torch.Tensor:

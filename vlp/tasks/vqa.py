@@ -51,7 +51,7 @@ class VQALitModule(VLPLitModule):
         training = self.model.training
         self.model.eval()  # BatchNorm must not learn from the probe
         try:
-            self.answer_logits(images, self.model.tokenizer(["a", "b"])).sum().backward()
+            self.answer_logits(images, self.model.tokenizer(["a", "b"]), images.new_zeros(2, 0, 4)).sum().backward()
         finally:
             self.model.train(training)
         frozen = [name for name, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
@@ -61,9 +61,10 @@ class VQALitModule(VLPLitModule):
         log.info("VQA trains %d parameter tensors; frozen as unused by it: %s", sum(
             p.requires_grad for p in self.model.parameters()), ", ".join(frozen) or "none")
 
-    def answer_logits(self, images: torch.Tensor, questions: torch.Tensor) -> torch.Tensor:
-        """(B, K) logits over the answer vocabulary (K = its length once known)."""
-        logits = self.model.heads["vqa"](self.model.fuse(images, questions).cls)
+    def answer_logits(self, images: torch.Tensor, questions: torch.Tensor,
+                      boxes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, K) logits over the answer vocabulary (K = its length once known); boxes (B, R, 4) for region tokens."""
+        logits = self.model.heads["vqa"](self.model.fuse(images, questions, boxes).cls)
         return logits[:, : len(self.answers)] if self.answers else logits
 
     def on_fit_start(self) -> None:
@@ -74,7 +75,7 @@ class VQALitModule(VLPLitModule):
             (Path(run_dir) / "answers.json").write_text(json.dumps(self.answers, indent=0))
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        logits = self.answer_logits(batch.images, batch.tokens)
+        logits = self.answer_logits(batch.images, batch.tokens, batch.boxes)
         scores = batch.labels["scores"][:, : logits.shape[1]]
         loss = F.binary_cross_entropy_with_logits(logits, scores, reduction="sum") / len(logits)
         self.skipped_samples += batch.skipped
@@ -88,7 +89,7 @@ class VQALitModule(VLPLitModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         with torch.autocast(self.device.type, enabled=False):
-            logits = self.answer_logits(batch.images, batch.tokens)
+            logits = self.answer_logits(batch.images, batch.tokens, batch.boxes)
         scores = batch.labels["scores"][:, : logits.shape[1]]
         # column 0 is the most frequent training answer: the majority baseline
         self._val_results += zip(vqa_accuracy(logits, scores).tolist(), scores[:, 0].tolist(),
