@@ -13,6 +13,7 @@ image, `model.fusion.image_input=regions`). Samples/s is the median of vlp's per
 """
 import argparse
 import csv
+import os
 import statistics
 import sys
 import tempfile
@@ -37,7 +38,7 @@ def run(args, fusion: str, data_dir: Path, work: Path, tag: str) -> tuple[float,
         design, *regions = fusion.split()
         cmd += [f"fusion={design}", f"model.fusion.width={args.width}", f"model.fusion.layers={args.layers}"]
         cmd += ["model.fusion.image_input=regions", "data.max_boxes=2"] if regions else []
-    rss = timed(cmd, work / f"{tag}.log")
+    rss = timed(cmd, work / f"{tag}.log", world=1, cores=os.cpu_count())
     with open(run_dir / "csv" / "metrics.csv") as f:
         rates = [float(r["train/samples_per_second"]) for r in csv.DictReader(f) if r.get("train/samples_per_second")]
     return statistics.median(rates[args.skip:]), rss

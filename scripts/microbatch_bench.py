@@ -7,6 +7,7 @@ shards; reports the median per-step samples/s and the peak RSS of the training p
 """
 import argparse
 import csv
+import os
 import statistics
 import sys
 import tempfile
@@ -21,7 +22,7 @@ def run(args, micro: str, work: Path, tag: str) -> tuple[float, int]:
            f"model.towers.arch={args.model}", f"data.batch_size={args.batch_size}", f"micro_batch_size={micro}",
            f"trainer.max_steps={args.steps}", "data.val.urls=null", "logger=csv", "trainer.log_every_n_steps=1",
            "trainer.enable_progress_bar=false", "data.num_workers=2"]
-    rss = timed(cmd, work / f"{tag}.log")
+    rss = timed(cmd, work / f"{tag}.log", world=1, cores=os.cpu_count())
     with open(run_dir / "csv" / "metrics.csv") as f:
         rates = [float(r["train/samples_per_second"]) for r in csv.DictReader(f) if r.get("train/samples_per_second")]
     return statistics.median(rates[args.skip:]), rss

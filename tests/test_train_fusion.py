@@ -76,7 +76,8 @@ def test_region_tokens_without_boxes_are_refused_in_one_line(tmp_path, data_dir)
     proc = run_cli("debug=fast", "fusion=cross_attention", "model.fusion.image_input=regions",
                    f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}")
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 1 and "model.fusion.image_input=regions reads boxes: set data.max_boxes" in output
+    assert proc.returncode == 1
+    assert "reads region tokens (model.fusion.image_input=regions): set data.max_boxes" in output
     assert "Traceback" not in output
 
 

@@ -5,6 +5,7 @@ from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
+import torch.nn as nn
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch.utils.data import DataLoader
 
@@ -39,6 +40,14 @@ class PositionedLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.dataset.set_position(state_dict["epoch"], state_dict["step"])
+
+
+def check_boxes(model: nn.Module, max_boxes: Optional[int]) -> None:
+    """Refuses data without boxes for a model whose fusion reads region tokens, naming the key."""
+    inputs = getattr(getattr(model, "fusion", None), "inputs", None)
+    if inputs is not None and inputs.region_stage is not None and not max_boxes:
+        raise ValueError("the model's fusion reads region tokens (model.fusion.image_input=regions): set "
+                         "data.max_boxes to the most boxes a sample's json `boxes` lists")
 
 
 class VLPDataModule(pl.LightningDataModule):

@@ -30,6 +30,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from vlp.checkpoint import load_model
 from vlp.config import CONF_DIR, register_configs
+from vlp.datamodule import check_boxes
 from vlp.eval.folder import folder_zeroshot_metrics, image_folder
 from vlp.eval.prompts import load_prompts
 from vlp.lit import VLPLitModule
@@ -69,6 +70,7 @@ def shard_metrics(model: nn.Module, cfg: DictConfig) -> dict[str, float]:
     data = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=False)
     data["train"] = {}  # evaluation reads no training shards
     data["zeroshot"] = cfg.zeroshot
+    check_boxes(model, data.get("max_boxes"))
     datamodule = instantiate(data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     [results] = trainer.validate(VLPLitModule(model, loss=None, optimizer=None), datamodule=datamodule,

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlp.checkpoint import load_weights, weights_loaded_later
 from vlp.cli import BadInput, TrainingStarted, reject_repeated_overrides
 from vlp.config import CONF_DIR, register_configs
+from vlp.datamodule import check_boxes
 from vlp.guards import StopOnNonFiniteLoss
 from vlp.loggers import build_loggers
 from vlp.models.attention import attention_kernels
@@ -70,10 +71,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             model = instantiate(cfg.model)
         if cfg.init_from:  # weights only: this run's optimiser and schedule start fresh at step 0
             log.info("init_from: %s", load_weights(model, cfg.init_from))
-        if getattr(model.fusion, "inputs", None) is not None and model.fusion.inputs.region_stage is not None \
-                and not cfg.data.get("max_boxes"):
-            raise ValueError("model.fusion.image_input=regions reads boxes: set data.max_boxes to the most "
-                             "boxes a sample's json `boxes` lists")
+        check_boxes(model, cfg.data.get("max_boxes"))
         datamodule = instantiate(cfg.data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
         task = instantiate(cfg.task, _partial_=True)  # the task's LightningModule (conf/task/): pretrain, vqa, caption
         lit = task(
