@@ -32,7 +32,8 @@ def main() -> None:
     # the boxes, for a fusion that reads region tokens; the others ignore them
     transform = BoxedTransform(image_transform_v2(PreprocessCfg(**model.preprocess), is_train=False), max_boxes=2)
     samples = [render_sample(args.seed, "val", i) for i in range(1, args.val_samples, 2)]  # odd: two objects
-    images, boxes = (torch.stack(parts) for parts in zip(*(transform(image, meta["boxes"]) for image, _, meta in samples)))
+    transformed = [transform(image, meta["boxes"]) for image, _, meta in samples]
+    images, boxes = (torch.stack(parts) for parts in zip(*transformed))
     with torch.no_grad():
         out = model(images, model.tokenizer([caption for _, caption, _ in samples]), boxes)
         true_cos = (out.image_features * out.text_features).sum(dim=1)

@@ -30,7 +30,8 @@ def test_region_tokens_average_the_map_over_each_box_after_the_whole_image():
     torch.testing.assert_close(tokens[1, :, 3:], torch.tensor([[0, 0, 1, 1, 1, 1], [0.5, 0.25, 1, 0.75, 0.5, 0.5]]))
 
 
-@pytest.mark.parametrize("arch,stage,shape", [("vlp-clip-rn-micro", 2, (256, 8, 8)), ("vlp-clip-micro", 1, (128, 4, 4))])
+@pytest.mark.parametrize("arch,stage,shape", [("vlp-clip-rn-micro", 2, (256, 8, 8)),
+                                              ("vlp-clip-micro", 1, (128, 4, 4))])
 def test_feature_map_of_a_stage_comes_with_the_unchanged_pooled_features(arch, stage, shape):
     tower = open_clip_towers(arch).image.eval()
     images = torch.randn(2, 3, 64, 64)
