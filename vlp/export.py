@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from vlp.checkpoint import CONFIG_KEY, load_model, model_config
 from vlp.models import VLPModel
-from vlp.models.towers import hf_text_cfg
+from vlp.models.towers import has_resnet_image_tower, hf_text_cfg
 from vlp.models.weights import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, VLP_WEIGHTS
 
 # open_clip's names; a CoCa's decoder (vlp's heads.caption) is open_clip's text_decoder
@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     print(f"exported {args.source} to {out_dir}{left_out}; open_clip loads it as "
           f"open_clip.create_model_and_transforms('local-dir:{out_dir}')", file=sys.stdout)
     model_cfg = json.loads((out_dir / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
-    if "multimodal_cfg" in model_cfg and isinstance(model_cfg["vision_cfg"].get("layers"), list):
+    if "multimodal_cfg" in model_cfg and has_resnet_image_tower(model_cfg):
         print("note: open_clip's CoCa cannot run a ResNet image tower (it expects tokens from it): "
               "caption with vlp (vlp.load, vlp-caption)", file=sys.stdout)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from open_clip.coca_model import _build_text_decoder_tower
 from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 
+from vlp.models.towers import has_resnet_image_tower
 from vlp.models.weights import read_state_dict
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def coca_text_decoder(arch: str, pretrained: Optional[str] = None, cache_dir: Op
         raise ValueError(f"model.heads.caption needs a CoCa architecture (coca_*, vlp-coca-micro); "
                          f"model.towers.arch={arch!r} has no multimodal_cfg")
     width = cfg["multimodal_cfg"].get("width", 512)
-    if isinstance(cfg["vision_cfg"].get("layers"), (list, tuple)) and cfg["embed_dim"] != width:
+    if has_resnet_image_tower(cfg) and cfg["embed_dim"] != width:
         raise ValueError(f"{arch}: a ResNet image tower's tokens come out at embed_dim={cfg['embed_dim']}, "
                          f"but the decoder reads width {width} (multimodal_cfg.width): make them equal")
     # open_clip's own builder, so the decoder (and its state dict) is exactly CoCa's

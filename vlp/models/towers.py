@@ -91,6 +91,11 @@ def open_clip_towers(
     )
 
 
+def has_resnet_image_tower(model_cfg: dict) -> bool:
+    """Whether an open_clip model config builds a ModifiedResNet image tower (its `layers` is a list per stage)."""
+    return isinstance(model_cfg["vision_cfg"].get("layers"), (list, tuple))
+
+
 def hf_text_cfg(arch: str, text_model: str, context_length: Optional[int] = None) -> dict[str, Any]:
     """The text config of `arch` with its Hugging Face tower and tokenizer read from `text_model`.
 
