@@ -1,4 +1,5 @@
 """`vlp-train` with a fusion transformer, as users run it: each design, the recipes, DDP, resume."""
+import json
 import re
 import subprocess
 import sys
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import VAL_SAMPLES, data_dir, logged, run_cli, vlp_train  # noqa: F401 (data_dir: fixture)
+from conftest import run_module
+from test_train import TRAIN_SAMPLES, VAL_SAMPLES, data_dir, logged, run_cli, vlp_train  # noqa: F401 (fixture)
 from vlp.checkpoint import load_model
 
 FAST = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
@@ -70,6 +72,16 @@ def test_region_tokens_under_ddp_rebuild_from_the_checkpoint(tmp_path, data_dir)
     assert metrics["global_step"] == 2 and all(key in metrics for key in FUSION_METRICS)
     model = load_model(run / "checkpoints" / "last.ckpt")
     assert model.fusion.inputs.region_stage == 2 and "fusion.inputs.box_proj.weight" in model.state_dict()
+    # vlp-eval of the checkpoint and of its export reads the boxes the run trained with, unasked
+    export = tmp_path / "export"
+    run_module("vlp.export", run / "checkpoints" / "last.ckpt", export)
+    same_data = [f"paths.data_dir={data_dir}", f"data.prepare.train_samples={TRAIN_SAMPLES}",
+                 f"data.prepare.val_samples={VAL_SAMPLES}", "data.prepare.samples_per_shard=256",
+                 "data.batch_size=32", "data.num_workers=0", "trainer.precision=32-true"]
+    for source in (run / "checkpoints" / "last.ckpt", export):
+        run_module("vlp.evaluate", f"model_path={source}", f"hydra.run.dir={tmp_path / source.name}", *same_data)
+        evaluated = json.loads((tmp_path / source.name / "metrics.json").read_text())
+        assert {k: evaluated[k] for k in FUSION_METRICS} == pytest.approx({k: metrics[k] for k in FUSION_METRICS})
 
 
 def test_region_tokens_without_boxes_are_refused_in_one_line(tmp_path, data_dir):

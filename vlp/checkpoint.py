@@ -14,13 +14,25 @@ from hydra.utils import instantiate
 from vlp.models import VLPModel
 from vlp.models.weights import OPEN_CLIP_CONFIG, LoadReport, load_weights, weights_loaded_later
 
-__all__ = ["CONFIG_KEY", "load_model", "load_weights", "LoadReport", "model_config", "weights_loaded_later"]
+__all__ = ["CONFIG_KEY", "load_model", "load_weights", "LoadReport", "model_config", "run_config",
+           "weights_loaded_later"]
 
 CONFIG_KEY = "vlp_config"  # where checkpoints keep the resolved run config (exports: in open_clip_config.json)
 
 
 def model_config(path: Union[str, Path]) -> dict[str, Any]:
     """The `model` section of the run config saved in a vlp checkpoint or `vlp-export` folder.
+
+    Raises:
+        KeyError: the file or folder was not written by vlp.
+    """
+    config = run_config(path)
+    _check_targets(config["model"], Path(path))
+    return config["model"]
+
+
+def run_config(path: Union[str, Path]) -> dict[str, Any]:
+    """The resolved run config saved in a vlp checkpoint or `vlp-export` folder (a copy).
 
     Raises:
         KeyError: the file or folder was not written by vlp.
@@ -35,8 +47,7 @@ def model_config(path: Union[str, Path]) -> dict[str, Any]:
         config = torch.load(path, map_location="cpu", weights_only=True).get(CONFIG_KEY)
     if not config or "model" not in config:
         raise KeyError(f"{path} holds no '{CONFIG_KEY}': not a checkpoint written by vlp-train or vlp-export")
-    _check_targets(config["model"], path)
-    return copy.deepcopy(config["model"])
+    return copy.deepcopy(config)
 
 
 def _check_targets(node: Any, path: Path) -> None:

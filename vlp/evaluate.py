@@ -28,7 +28,7 @@ from omegaconf.errors import MissingMandatoryValue
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from vlp.checkpoint import load_model
+from vlp.checkpoint import load_model, run_config
 from vlp.config import CONF_DIR, register_configs
 from vlp.datamodule import check_boxes
 from vlp.eval.folder import folder_zeroshot_metrics, image_folder
@@ -70,6 +70,8 @@ def shard_metrics(model: nn.Module, cfg: DictConfig) -> dict[str, float]:
     data = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=False)
     data["train"] = {}  # evaluation reads no training shards
     data["zeroshot"] = cfg.zeroshot
+    if cfg.model_path and not data.get("max_boxes"):  # a region-token model reads the boxes it trained with
+        data["max_boxes"] = run_config(cfg.model_path).get("data", {}).get("max_boxes", 0)
     check_boxes(model, data.get("max_boxes"))
     datamodule = instantiate(data, preprocess=model.preprocess, tokenizer=model.tokenizer, _convert_="all")
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])

@@ -3,10 +3,10 @@
     vlp-export runs/demo/checkpoints/last.ckpt exports/demo
     python -c "import open_clip; open_clip.create_model_and_transforms('local-dir:exports/demo')"
 
-OUT_DIR receives `open_clip_config.json` (`model_cfg`, `preprocess_cfg`, and vlp's model config
-under `vlp_config`), `open_clip_model.safetensors` (the two towers, a CoCa's caption decoder and
-`logit_scale` [+ `logit_bias`] under open_clip's names) and, for Hugging Face tokenizers, the
-tokenizer files. open_clip, and tools built on it such as clip_benchmark, load the folder without
+OUT_DIR receives `open_clip_config.json` (`model_cfg`, `preprocess_cfg`, and under `vlp_config`
+vlp's model config and `data.max_boxes`), `open_clip_model.safetensors` (the two towers, a CoCa's
+caption decoder and `logit_scale` [+ `logit_bias`] under open_clip's names) and, for Hugging Face
+tokenizers, the tokenizer files. open_clip, and tools built on it such as clip_benchmark, load the folder without
 vlp. open_clip has no fusion module or other heads: a model that has them also gets
 `vlp_model.safetensors`, the whole VLPModel, which `vlp.load`, `init_from` and `vlp-eval` read.
 """
@@ -23,7 +23,7 @@ import torch
 from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import save_file
 
-from vlp.checkpoint import CONFIG_KEY, load_model, model_config
+from vlp.checkpoint import CONFIG_KEY, load_model, model_config, run_config
 from vlp.models import VLPModel
 from vlp.models.towers import has_resnet_image_tower, hf_text_cfg
 from vlp.models.weights import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, VLP_WEIGHTS
@@ -50,7 +50,10 @@ def export(source: Union[str, Path], out_dir: Union[str, Path]) -> Path:
     model_cfg = open_clip_model_cfg(cfg["towers"], model)
     if isinstance(model.tokenizer, HFTokenizer):  # open_clip reads a local-dir's HF tokenizer from the folder
         model.tokenizer.save_pretrained(str(out_dir))
-    config = {"model_cfg": model_cfg, "preprocess_cfg": dict(model.preprocess), CONFIG_KEY: {"model": cfg}}
+    # the boxes per sample a region-token model reads, so vlp-eval of the folder needs no data.max_boxes
+    boxes = run_config(source).get("data", {}).get("max_boxes", 0)
+    saved = {"model": cfg, "data": {"max_boxes": boxes}}
+    config = {"model_cfg": model_cfg, "preprocess_cfg": dict(model.preprocess), CONFIG_KEY: saved}
     (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
     return out_dir
 
