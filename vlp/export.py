@@ -23,7 +23,7 @@ import torch
 from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import save_file
 
-from vlp.checkpoint import CONFIG_KEY, load_model, model_config, run_config
+from vlp.checkpoint import CONFIG_KEY, load_model, run_config
 from vlp.models import VLPModel
 from vlp.models.towers import has_resnet_image_tower, hf_text_cfg
 from vlp.models.weights import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, VLP_WEIGHTS
@@ -40,8 +40,9 @@ def export(source: Union[str, Path], out_dir: Union[str, Path]) -> Path:
         ValueError: the architecture cannot be described to open_clip without vlp (an `hf-hub:` arch).
     """
     out_dir = Path(out_dir)
-    cfg = model_config(source)
-    model = load_model(source)
+    run = run_config(source)
+    model = load_model(source)  # which also checks that the saved config names only vlp's classes
+    cfg = run["model"]
     open_clip_state, rest = open_clip_state_dict(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(open_clip_state, out_dir / OPEN_CLIP_WEIGHTS)
@@ -51,8 +52,7 @@ def export(source: Union[str, Path], out_dir: Union[str, Path]) -> Path:
     if isinstance(model.tokenizer, HFTokenizer):  # open_clip reads a local-dir's HF tokenizer from the folder
         model.tokenizer.save_pretrained(str(out_dir))
     # the boxes per sample a region-token model reads, so vlp-eval of the folder needs no data.max_boxes
-    boxes = run_config(source).get("data", {}).get("max_boxes", 0)
-    saved = {"model": cfg, "data": {"max_boxes": boxes}}
+    saved = {"model": cfg, "data": {"max_boxes": run.get("data", {}).get("max_boxes", 0)}}
     config = {"model_cfg": model_cfg, "preprocess_cfg": dict(model.preprocess), CONFIG_KEY: saved}
     (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
     return out_dir
