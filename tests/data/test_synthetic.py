@@ -130,6 +130,28 @@ def test_two_object_training_captions_carry_false_captions_with_the_same_words(t
     assert with_negatives > 50
 
 
+def test_relation_captions_train_with_the_relation_reversed_and_the_objects_swapped(train_samples):
+    colour, shape = "|".join(COLOURS), "|".join(SHAPES)
+    relation = re.compile(rf"({colour}) ({shape}) (to the left of|to the right of|above|below) "
+                          rf"\w+(?: \w+)*? ({colour}) ({shape})\.")
+    opposite = {"to the left of": "to the right of", "to the right of": "to the left of",
+                "above": "below", "below": "above"}
+    stated = clear = 0
+    for _, caption, meta in train_samples:
+        if len(meta["boxes"]) == 2:
+            (ax, ay), (bx, by) = (((x1 + x2) / 2, (y1 + y2) / 2) for x1, y1, x2, y2 in meta["boxes"])
+            clear += max(abs(ax - bx), abs(ay - by)) >= 2 * min(abs(ax - bx), abs(ay - by))
+        match = relation.search(caption)
+        if not match:
+            continue
+        stated += 1
+        first, rel, second = match.group(1, 2), match.group(3), match.group(4, 5)
+        found = {m.group(1, 2, 3, 4, 5) for m in map(relation.search, meta["negatives"]) if m}
+        assert (*first, opposite[rel], *second) in found, (caption, meta["negatives"])  # relation reversed
+        assert (*second, rel, *first) in found, (caption, meta["negatives"])  # objects swapped
+    assert stated > 0.5 * clear  # two thirds of those in a clear relation (a third before version 7)
+
+
 def test_captions_name_every_object_and_vary(train_samples, val_samples):
     captions = []
     for _, caption, meta in train_samples + val_samples:
