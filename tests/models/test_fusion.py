@@ -80,6 +80,46 @@ def test_fusion_learns_which_side_of_the_image_an_object_is_on(fusion):
     assert matching_accuracy(model, batch, steps=100) > 0.9
 
 
+@pytest.mark.parametrize("word_codes", [False, True])
+def test_word_codes_let_the_fusion_read_words_the_text_tower_blurs(word_codes):
+    """A text tower trained contrastively from scratch gives "left" and "right" nearly the same
+    outputs (here: the same). Only with word codes can the fusion tell which one the text says."""
+    torch.manual_seed(0)
+    width, colours = 32, 4
+    object_features, background = torch.randn(colours, 64) * 2, torch.randn(64) * 2
+    words = torch.randn(colours + 1, width)  # the colour words, then "left" = "right"
+    model = CrossAttentionFusion(image_width=64, text_width=width, num_image_tokens=4, width=width, heads=2,
+                                 layers=1, word_codes=word_codes, text_vocab_size=colours + 2, text_length=2)
+
+    def batch(n):
+        colour, cell, claim = torch.randint(colours, (n,)), torch.randint(4, (n,)), torch.randint(2, (n,))
+        image = background.repeat(n, 4, 1) + 0.3 * torch.randn(n, 4, 64)
+        image[torch.arange(n), cell] = object_features[colour]
+        text = torch.stack([words[colour], words[colours].expand(n, -1)], dim=1)
+        ids = torch.stack([colour, colours + claim], dim=1)
+        return image, model.inputs.add_word_codes(text, ids), (claim == cell % 2).float()
+
+    accuracy = matching_accuracy(model, batch, steps=100)
+    assert accuracy > 0.9 if word_codes else accuracy < 0.6
+
+
+def test_word_codes_are_the_same_in_every_build():
+    """The codes are not saved: a model rebuilt from a checkpoint must make the same ones."""
+    def build(seed):
+        torch.manual_seed(seed)
+        fusion = functools.partial(CrossAttentionFusion, width=32, heads=2, word_codes=True)
+        return VLPModel(open_clip_towers("vlp-clip-micro"), fusion=fusion).eval()
+
+    model, rebuilt, without = build(0), build(1), fusion_model().eval()
+    rebuilt.load_state_dict(model.state_dict())
+    without.load_state_dict(model.state_dict())  # the same weights; no codes in a state dict
+    images, text = torch.randn(3, 3, 64, 64), model.tokenizer(CAPTIONS)
+    with torch.no_grad():
+        fused = model.fuse(images, text).cls
+        torch.testing.assert_close(rebuilt.fuse(images, text).cls, fused)
+        assert not torch.allclose(without.fuse(images, text).cls, fused)  # the codes reach the fusion
+
+
 def matching_accuracy(fusion: nn.Module, batch, steps: int) -> float:
     """Trains `fusion` and a match head for `steps` AdamW steps on `batch(n)` -> (image tokens,
     two text tokens each, whether they match); returns the accuracy on 512 fresh pairs."""

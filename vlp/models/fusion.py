@@ -7,11 +7,11 @@ Three classic designs, built from torch.nn's transformer layers (scaled-dot-prod
 - `CoAttentionFusion` (LXMERT): two streams; each cross-attends to the other, then self-attends.
 
 Each is built by `VLPModel` from a partial (Hydra `_partial_: true`) that it completes with the
-towers' token widths and the number of image tokens; what the fusion reads (`image_input`,
-`region_stage`: see `_Inputs`) is the same for all three. Every design returns fused text tokens,
-fused image tokens where it has them, and the fused [CLS]: the fused text token at the position
-the text tower pools (BERT's [CLS], CLIP's end of text), as in all three papers, where the text
-encoder's [CLS] is both the contrastive feature and the fused [CLS].
+towers' token widths, text vocabulary and the number of image tokens; what the fusion reads
+(`image_input`, `region_stage`, `word_codes`: see `_Inputs`) is the same for all three. Every
+design returns fused text tokens, fused image tokens where it has them, and the fused [CLS]: the
+fused text token at the position the text tower pools (BERT's [CLS], CLIP's end of text), as in
+all three papers, where the text encoder's [CLS] is both the contrastive feature and the fused [CLS].
 """
 import inspect
 from functools import partial
@@ -45,14 +45,25 @@ class _Inputs(nn.Module):
       from the tower's feature map at `region_stage`. As in UNITER and LXMERT, the projected
       features and the projected box are layer-normed apart and added, so neither drowns the other.
 
-    Text tokens are the text tower's outputs, which carry its positions.
+    Text tokens are the text tower's outputs, which carry its positions. With `word_codes`, the
+    model adds to them a fixed random code for each token id and each position
+    (`add_word_codes`): a text tower trained contrastively from scratch gives words that a bag of
+    words never needs apart ("left", "right") nearly the same outputs, and the fusion cannot learn
+    relations from those (BENCHMARKS.md). The codes are rebuilt from a fixed seed rather than
+    saved, and kept out of the buffers, which DDP would broadcast every step.
     """
 
     def __init__(self, image_width: int, text_width: int, width: int, num_image_tokens: int,
-                 image_input: str = "patches", region_stage: int = 2):
+                 image_input: str = "patches", region_stage: int = 2, word_codes: bool = False,
+                 text_vocab_size: int = 0, text_length: int = 0):
         super().__init__()
         if image_input not in ("patches", "regions"):
             raise ValueError(f"model.fusion.image_input={image_input!r}: expected patches or regions")
+        self.word_codes = self.position_codes = None
+        if word_codes:
+            generator = torch.Generator().manual_seed(0)
+            self.word_codes = torch.randn(text_vocab_size, text_width, generator=generator)
+            self.position_codes = torch.randn(text_length, text_width, generator=generator)
         self.region_stage = region_stage if image_input == "regions" else None
         if self.region_stage is None:
             self.image_proj = nn.Linear(image_width, width)
@@ -73,6 +84,14 @@ class _Inputs(nn.Module):
         else:
             image = self.image_norm(self.image_proj(image)) + self.image_pos
         return image, self.text_proj(text)
+
+    def add_word_codes(self, text: Tensor, ids: Tensor) -> Tensor:
+        """Text tower outputs (B, L, W_txt) plus the codes of their token ids (B, L) and positions."""
+        if self.word_codes is None:
+            return text
+        if self.word_codes.device != ids.device:
+            self.word_codes, self.position_codes = self.word_codes.to(ids.device), self.position_codes.to(ids.device)
+        return text + (self.word_codes[ids] + self.position_codes[: ids.shape[1]]).to(text.dtype)
 
 
 def input_options(fusion: partial) -> dict:

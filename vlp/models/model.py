@@ -127,7 +127,9 @@ class VLPModel(nn.Module):
         self.mask_token_id = add_mask_token(self.text_tower, self.tokenizer)
         self.special_token_ids = special_token_ids(self.text_tower, self.tokenizer)
         image, text = self._example_tokens(region_stage)
-        return fusion(image_width=image.shape[2], text_width=text.shape[2], num_image_tokens=image.shape[1])
+        return fusion(image_width=image.shape[2], text_width=text.shape[2], num_image_tokens=image.shape[1],
+                      text_vocab_size=token_embedding(self.text_tower).num_embeddings,
+                      text_length=self.tokenizer.context_length)
 
     @torch.no_grad()
     def _example_tokens(self, region_stage: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +165,13 @@ class VLPModel(nn.Module):
     def _tokens(self, images: torch.Tensor, tokens: torch.Tensor, boxes: Optional[torch.Tensor]) -> tuple:
         """Pooled features and the fusion's token sequences of both towers, one pass each."""
         image_pooled, image_seq = self._image_sequence(images, boxes, self.fusion.inputs.region_stage)
-        text_pooled, *text_sequence = text_tokens(self.text_tower, tokens)
+        text_pooled, *text_sequence = self._text_sequence(tokens)
         return image_pooled, text_pooled, image_seq, *text_sequence
+
+    def _text_sequence(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The text tower's pooled features and the fusion's text input: tokens, padding, [CLS] positions."""
+        pooled, sequence, padding, cls_index = text_tokens(self.text_tower, tokens)
+        return pooled, self.fusion.inputs.add_word_codes(sequence, tokens), padding, cls_index
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -198,7 +205,7 @@ class VLPModel(nn.Module):
 
     def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The text tower's token sequence (B, L, W_txt), padding mask (B, L) and [CLS] positions (B,)."""
-        return text_tokens(self.text_tower, tokens)[1:]
+        return self._text_sequence(tokens)[1:]
 
     def fuse(self, images: torch.Tensor, tokens: torch.Tensor, boxes: Optional[torch.Tensor] = None) -> FusionOutput:
         """Fuses images (B, 3, H, W) with token ids (B, L) (and boxes (B, R, 4) for region tokens)."""
