@@ -204,7 +204,8 @@ class VLPModel(nn.Module):
                          self.logit_bias, *sequences)
 
     def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The text tower's token sequence (B, L, W_txt), padding mask (B, L) and [CLS] positions (B,)."""
+        """The fusion's text input (B, L, W_txt): the text tower's token sequence, with the word codes
+        where the fusion has them; its padding mask (B, L) and [CLS] positions (B,)."""
         return self._text_sequence(tokens)[1:]
 
     def fuse(self, images: torch.Tensor, tokens: torch.Tensor, boxes: Optional[torch.Tensor] = None) -> FusionOutput:
