@@ -97,14 +97,17 @@ def test_vqa_without_fusion_fails_at_start_up_naming_the_fix(tmp_path, data_dir)
 
 
 # the recipe's ResNet CoCa in one process, open_clip's ViT CoCa (task=caption's default) under DDP
-@pytest.mark.parametrize("overrides", [["model=coca_rn_micro"], ["trainer=ddp", "trainer.devices=2"]],
-                         ids=["1-process-resnet", "ddp-vit"])
+@pytest.mark.parametrize("overrides", [["experiment=caption_synthetic"], ["task=caption", "trainer=ddp", "trainer.devices=2"]],
+                         ids=["1-process-resnet-recipe", "ddp-vit"])
 def test_caption_trains_validates_and_vlp_caption_prints_captions(tmp_path, data_dir, overrides):
     run = tmp_path / "caption"
-    metrics = vlp_train(run, data_dir, "task=caption", *FAST, *overrides, "task.generation.max_len=6")
-    assert metrics["val/num_samples"] == VAL_SAMPLES
+    metrics = vlp_train(run, data_dir, *FAST, *overrides, "task.generation.max_len=6")
     for key in ("val/caption_bleu4", "val/caption_cider", "val/caption_attr_acc"):
         assert 0.0 <= metrics[key] < 1.0  # four steps of training name no colour and shape right
+    if "experiment=caption_synthetic" in overrides:
+        _recipe_validates_heldout_and_seen_pairs_apart(metrics)
+    else:
+        assert metrics["val/num_samples"] == VAL_SAMPLES and "val/caption_attr_acc_seen" not in metrics
     checkpoint = run / "checkpoints" / "last.ckpt"
     assert type(load_model(checkpoint).heads["caption"]).__name__ == "MultimodalTransformer"
     if "trainer=ddp" in overrides:
@@ -121,6 +124,16 @@ def test_caption_trains_validates_and_vlp_caption_prints_captions(tmp_path, data
                               capture_output=True, text=True, timeout=600)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "note: open_clip's CoCa cannot run a ResNet image tower" in exported.stdout
+
+
+def _recipe_validates_heldout_and_seen_pairs_apart(metrics):
+    """The recipe adds the val_seen shards; each single-object metric is the two halves' weighted mean."""
+    heldout, seen = VAL_SAMPLES // 2, 256  # val's even indices; write_dataset's default val_seen_samples
+    assert metrics["val/num_samples"] == VAL_SAMPLES + seen
+    for key in ("val/caption_attr_acc", "val/zeroshot_top1", "val/zeroshot_top5"):
+        halves = (metrics[f"{key}_heldout"] * heldout + metrics[f"{key}_seen"] * seen) / (heldout + seen)
+        assert metrics[key] == pytest.approx(halves, abs=1e-6)
+    assert metrics["val/zeroshot_top5_seen"] > 0  # not an empty half
 
 
 def _open_clip_runs_the_exported_coca(checkpoint, out_dir):

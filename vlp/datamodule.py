@@ -10,7 +10,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch.utils.data import DataLoader
 
 from vlp.data.wds import IMAGE_KEYS, EvalStream, SampleDecoder, TrainStream, count_samples, expand_urls
-from vlp.eval.prompts import load_prompts
+from vlp.eval.prompts import load_heldout, load_prompts
 
 log = logging.getLogger(__name__)
 # the streams split batches over workers exactly, so their __len__ is right with any number of workers
@@ -152,3 +152,7 @@ class VLPDataModule(pl.LightningDataModule):
     def zeroshot_prompts(self) -> Optional[tuple[list[str], list[str]]]:
         """(classnames, templates) for zero-shot classification, or None."""
         return load_prompts(self.zeroshot_path) if self.zeroshot_path else None
+
+    def heldout_labels(self) -> frozenset[int]:
+        """Labels of the zero-shot classes kept out of training (`"heldout"` in the prompt file)."""
+        return load_heldout(self.zeroshot_path) if self.zeroshot_path else frozenset()

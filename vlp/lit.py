@@ -14,7 +14,7 @@ from vlp.checkpoint import CONFIG_KEY
 from vlp.config import ObjectivesConf
 from vlp.data.wds import Batch
 from vlp.distributed import all_gather_no_grad, world_info
-from vlp.eval import hard_negative_correct, rerank_hits, retrieval_metrics, zeroshot_classifier, zeroshot_metrics
+from vlp.eval import hard_negative_correct, heldout_masks, rerank_hits, retrieval_metrics, zeroshot_classifier, zeroshot_metrics
 from vlp.fusion_losses import image_text_matching, itm_match_scores, masked_language_modelling
 from vlp.microbatch import check_micro_batchable, feature_cached_backward
 from vlp.models import VLPModel
@@ -225,6 +225,10 @@ class VLPLitModule(pl.LightningModule):
             classifier = zeroshot_classifier(lambda t: self.model.encode_text(t.to(self.device)).float(),
                                              self.model.tokenizer, *prompts)
             metrics |= zeroshot_metrics(image[labelled], labels[labelled], classifier)
+            heldout = getattr(self.trainer.datamodule, "heldout_labels", frozenset)()
+            for part, mask in heldout_masks(labels[labelled], heldout).items():
+                found = zeroshot_metrics(image[labelled][mask], labels[labelled][mask], classifier)
+                metrics |= {f"{name}_{part}": value for name, value in found.items()}
         metrics["num_samples"] = len(image)
         self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, sync_dist=True)
         self.validated_at_step = self.global_step

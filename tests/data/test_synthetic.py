@@ -106,6 +106,19 @@ def test_val_even_indices_show_exactly_one_heldout_object(val_samples):
     assert len(classes) == 8 and set(classes.values()) == {3}  # balanced
 
 
+def test_val_seen_shows_one_object_of_each_training_pair_in_new_images(train_samples):
+    samples = [render_sample(0, "val_seen", i) for i in range(48)]
+    classes = Counter()
+    for _, caption, meta in samples:
+        (obj,) = meta["objects"]
+        assert (obj["colour"], obj["shape"]) not in HELDOUT
+        assert {obj["colour"], obj["shape"]} <= _words(caption)
+        classes[obj["class"]] += 1
+    assert len(classes) == 32 - len(HELDOUT) and set(classes.values()) == {2}  # balanced
+    training_pixels = {np.asarray(image).tobytes() for image, _, _ in train_samples}
+    assert not any(np.asarray(image).tobytes() in training_pixels for image, _, _ in samples)
+
+
 def test_val_odd_indices_carry_hard_negatives_with_the_same_words(val_samples):
     for _, caption, meta in val_samples[1::2]:
         a, b = meta["objects"]
@@ -217,12 +230,14 @@ def test_shards_do_not_depend_on_shard_size_or_workers(tmp_path):
 
 
 def test_write_dataset_skips_complete_dataset_and_removes_stale_shards(tmp_path, monkeypatch):
-    kwargs = dict(val_samples=8, samples_per_shard=20, image_size=32, workers=1)
+    kwargs = dict(val_samples=8, val_seen_samples=4, samples_per_shard=20, image_size=32, workers=1)
     patterns = write_dataset(tmp_path, train_samples=30, **kwargs)
     assert patterns == {"train": f"{tmp_path}/train-{{000000..000001}}.tar",
-                        "val": f"{tmp_path}/val-{{000000..000000}}.tar"}
+                        "val": f"{tmp_path}/val-{{000000..000000}}.tar",
+                        "val_seen": f"{tmp_path}/val_seen-{{000000..000000}}.tar"}
     zeroshot = json.loads((tmp_path / "zeroshot.json").read_text())
-    assert zeroshot == {"classnames": CLASSNAMES, "templates": list(TEMPLATES)}
+    assert zeroshot == {"classnames": CLASSNAMES, "templates": list(TEMPLATES),
+                        "heldout": [f"{c} {s}" for c, s in HELDOUT]}
 
     def fail(job):
         raise AssertionError(f"rewrote {job[0]}")
@@ -235,25 +250,29 @@ def test_write_dataset_skips_complete_dataset_and_removes_stale_shards(tmp_path,
             write_dataset(tmp_path, train_samples=30, **kwargs)
     assert not (tmp_path / "manifest.json").exists()
     write_dataset(tmp_path, train_samples=10, **kwargs)
-    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000000.tar", "val-000000.tar",
+                                                              "val_seen-000000.tar"]
 
 
 def test_write_dataset_writes_sizes_json_that_data_wds_reads(tmp_path):
-    write_dataset(tmp_path, train_samples=30, val_samples=8, samples_per_shard=20, image_size=32, workers=1)
+    write_dataset(tmp_path, train_samples=30, val_samples=8, val_seen_samples=4, samples_per_shard=20,
+                  image_size=32, workers=1)
     sizes = json.loads((tmp_path / "sizes.json").read_text())
-    assert sizes == {"train-000000.tar": 20, "train-000001.tar": 10, "val-000000.tar": 8}
+    assert sizes == {"train-000000.tar": 20, "train-000001.tar": 10, "val-000000.tar": 8,
+                     "val_seen-000000.tar": 4}
     for shard, size in sizes.items():  # the counts are the shards' real sample counts
         assert sum(1 for _ in wds.WebDataset(str(tmp_path / shard), shardshuffle=False)) == size
     assert count_samples(expand_urls(str(tmp_path / "train-*.tar"))) == 30
 
 
 def test_cli_writes_dataset_and_reruns_quickly(tmp_path, capsys, monkeypatch):
-    argv = ["--out", str(tmp_path), "--train-samples", "12", "--val-samples", "8",
+    argv = ["--out", str(tmp_path), "--train-samples", "12", "--val-samples", "8", "--val-seen-samples", "4",
             "--samples-per-shard", "10", "--image-size", "32", "--workers", "1"]
     main(argv)
     out = capsys.readouterr().out
     assert f"train: {tmp_path}/train-{{000000..000001}}.tar" in out
     assert f"val: {tmp_path}/val-{{000000..000000}}.tar" in out
+    assert f"val_seen: {tmp_path}/val_seen-{{000000..000000}}.tar" in out
     assert json.loads((tmp_path / "zeroshot.json").read_text())["classnames"] == CLASSNAMES
     monkeypatch.setattr(synthetic, "_write_shard", lambda job: pytest.fail("not skipped"))
     main(argv)
@@ -263,6 +282,7 @@ def test_cli_writes_dataset_and_reruns_quickly(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["--train-samples", "0"], "--train-samples: must be an integer >= 1"),
     (["--val-samples", "-3"], "--val-samples: must be an integer >= 1"),
+    (["--val-seen-samples", "0"], "--val-seen-samples: must be an integer >= 1"),
     (["--samples-per-shard", "0"], "--samples-per-shard"),
     (["--seed", "x"], "--seed: invalid integer value"),
     (["--image-size", "4"], "--image-size: must be an integer >= 16"),

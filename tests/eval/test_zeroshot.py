@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlp.eval import zeroshot_classifier, zeroshot_metrics
+from vlp.eval import heldout_masks, zeroshot_classifier, zeroshot_metrics
 
 CLASSNAMES = ["cat", "dog", "airplane", "red car", "tree"]
 TEMPLATES = ["a photo of a {}.", "a drawing of the {}.", lambda c: f"itap of a {c}."]
@@ -120,3 +120,11 @@ def test_metrics_match_topk():
         want = (top[:, :k] == labels[:, None]).any(dim=1).float().mean().item()
         assert got[f"zeroshot_top{k}"] == pytest.approx(want)
     assert 0 < got["zeroshot_top1"] < got["zeroshot_top5"] < 1
+
+
+def test_heldout_masks_split_the_labels_only_when_both_parts_are_present():
+    labels = torch.tensor([3, 0, 7, 3, 1])
+    masks = heldout_masks(labels, {3, 9})
+    assert masks["heldout"].tolist() == [True, False, False, True, False]
+    assert masks["seen"].tolist() == [False, True, True, False, True]
+    assert heldout_masks(labels, {0, 1, 3, 7}) == {} and heldout_masks(labels, set()) == {}

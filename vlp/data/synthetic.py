@@ -10,8 +10,11 @@ swapped) that a bag of words cannot tell from the truth. Two-object training ima
 negatives too, for objectives that train on them (ITM): their caption with the colours swapped,
 with the positions swapped, and with the objects swapped in place, where the caption says where
 things are. Two thirds of the two-object training images in a clear relation are captioned with
-it, so a fusion sees the relation words often enough to learn them. Every sample is a pure function of
-(seed, split, index), so shard size and sample count never change a sample's content.
+it, so a fusion sees the relation words often enough to learn them. The "val_seen" split shows
+one object of a training pair per image: fresh images of what training saw, the other half of a
+compositional test (zeroshot.json lists the HELDOUT classes under "heldout", so metrics can report
+the two halves apart). Every sample is a pure function of (seed, split, index), so shard size and
+sample count never change a sample's content.
 """
 
 import argparse
@@ -46,7 +49,7 @@ TEMPLATES = ("a photo of one {}.", "a picture of a single {}.", "an image showin
              "one {} on a plain background.", "a single {}.", "an image of one {}.")
 BACKGROUNDS = {"white": 240, "light grey": 190, "dark grey": 70, "black": 20}
 SIZES = {"small": 0.12, "medium": 0.17, "large": 0.23}  # circumradius / image side
-SPLITS = {"train": 0, "val": 1}
+SPLITS = {"train": 0, "val": 1, "val_seen": 2}
 
 # Bump whenever rendering or captions change, so cached datasets get regenerated.
 _VERSION = 7  # 7: more relation captions, objects-swapped training negatives; 6: boxes as a list
@@ -228,8 +231,9 @@ def render_sample(seed, split, index, image_size=64):
 
     Args:
         seed: Non-negative dataset seed.
-        split: "train" (1-2 objects, never a HELDOUT pair) or "val" (even index: one HELDOUT
-            object; odd index: two seen objects with hard negative captions).
+        split: "train" (1-2 objects, never a HELDOUT pair), "val" (even index: one HELDOUT
+            object; odd index: two seen objects with hard negative captions) or "val_seen" (one
+            object of a training pair).
         index: Non-negative sample index within the split.
         image_size: Output width and height in pixels.
 
@@ -249,6 +253,8 @@ def render_sample(seed, split, index, image_size=64):
     negatives = None
     if split == "train":
         objects = _sample_objects(rng, rng.choice(_TRAIN_IDS, size=1 + int(rng.random() < 0.5), replace=False))
+    elif split == "val_seen":
+        objects = _sample_objects(rng, [_TRAIN_IDS[index % len(_TRAIN_IDS)]])  # balanced classes
     elif index % 2 == 0:
         objects = _sample_objects(rng, [_HELDOUT_IDS[index // 2 % len(_HELDOUT_IDS)]])  # balanced classes
     else:
@@ -309,7 +315,7 @@ def write_split(out_dir, split, num_samples, *, seed=0, samples_per_shard=1000, 
 
     Args:
         out_dir: Output folder, created if missing.
-        split: "train" or "val".
+        split: "train", "val" or "val_seen".
         num_samples: Number of samples, indices 0..num_samples-1.
         seed: Dataset seed.
         samples_per_shard: Samples per shard; the last shard may be shorter.
@@ -344,31 +350,32 @@ def write_split(out_dir, split, num_samples, *, seed=0, samples_per_shard=1000, 
     return paths
 
 
-def write_dataset(out_dir, *, train_samples=20000, val_samples=512, seed=0,
+def write_dataset(out_dir, *, train_samples=20000, val_samples=512, val_seen_samples=256, seed=0,
                   samples_per_shard=1000, image_size=64, workers=None, progress=False):
-    """Writes both splits, zeroshot.json, sizes.json and manifest.json; skips work if already complete.
+    """Writes the three splits, zeroshot.json, sizes.json and manifest.json; skips work if already complete.
 
     Args:
         out_dir: Output folder, created if missing.
         train_samples: Number of train samples.
         val_samples: Number of val samples.
+        val_seen_samples: Number of val_seen samples.
         seed, samples_per_shard, image_size, workers, progress: As in write_split.
 
     Returns:
         Brace-expandable shard patterns, e.g. {"train": "<out>/train-{000000..000019}.tar",
-        "val": "<out>/val-{000000..000000}.tar"}.
+        "val": "<out>/val-{000000..000000}.tar", "val_seen": ...}.
 
     Raises:
         ValueError: On non-positive sizes.
     """
-    counts = {"train": train_samples, "val": val_samples}
+    counts = {"train": train_samples, "val": val_samples, "val_seen": val_seen_samples}
     for n in counts.values():
         _check_sizes(n, samples_per_shard, image_size)
     out = Path(out_dir)
     num_shards = {split: math.ceil(n / samples_per_shard) for split, n in counts.items()}
     shards = {split: f"{split}-{{000000..{n - 1:06d}}}.tar" for split, n in num_shards.items()}
     manifest = {"version": _VERSION, "seed": seed, "train_samples": train_samples,
-                "val_samples": val_samples, "samples_per_shard": samples_per_shard,
+                "val_samples": val_samples, "val_seen_samples": val_seen_samples, "samples_per_shard": samples_per_shard,
                 "image_size": image_size, "shards": shards}
     manifest_path = out / "manifest.json"
     complete = manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest
@@ -377,7 +384,8 @@ def write_dataset(out_dir, *, train_samples=20000, val_samples=512, seed=0,
         for split, n in counts.items():
             write_split(out, split, n, seed=seed, samples_per_shard=samples_per_shard,
                         image_size=image_size, workers=workers, progress=progress)
-        zeroshot = {"classnames": CLASSNAMES, "templates": list(TEMPLATES)}
+        zeroshot = {"classnames": CLASSNAMES, "templates": list(TEMPLATES),
+                    "heldout": [f"{colour} {shape}" for colour, shape in HELDOUT]}
         (out / "zeroshot.json").write_text(json.dumps(zeroshot, indent=2))
         # samples per shard, open_clip's convention: data=wds reads an epoch's size from it
         sizes = {f"{split}-{i:06d}.tar": min(samples_per_shard, n - i * samples_per_shard)
@@ -402,6 +410,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="vlp-synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder")
     for flag, minimum, default in [("--train-samples", 1, 20000), ("--val-samples", 1, 512),
+                                   ("--val-seen-samples", 1, 256),
                                    ("--seed", 0, 0), ("--samples-per-shard", 1, 1000),
                                    ("--image-size", _MIN_IMAGE_SIZE, 64)]:
         parser.add_argument(flag, type=_int_at_least(minimum), default=default,
@@ -410,7 +419,8 @@ def main(argv=None):
                         help="rendering processes (default: CPU count)")
     args = parser.parse_args(argv)
     patterns = write_dataset(args.out, train_samples=args.train_samples,
-                             val_samples=args.val_samples, seed=args.seed,
+                             val_samples=args.val_samples, val_seen_samples=args.val_seen_samples,
+                             seed=args.seed,
                              samples_per_shard=args.samples_per_shard,
                              image_size=args.image_size, workers=args.workers, progress=True)
     for split, pattern in patterns.items():

@@ -28,3 +28,21 @@ def load_prompts(spec: str) -> tuple[list[str], list[Template]]:
     if not isinstance(content, dict) or not content.get("classnames") or not content.get("templates"):
         raise ValueError(f"{path} must hold non-empty 'classnames' and 'templates' lists")
     return list(content["classnames"]), list(content["templates"])
+
+
+def load_heldout(spec: str) -> frozenset[int]:
+    """Labels of the classes a JSON prompt file lists under `"heldout"`: classes kept out of
+    training (a compositional zero-shot test), whose metrics are worth reporting apart. Empty for a
+    built-in set or a file without the key.
+
+    Raises:
+        ValueError: a held-out name that is not among the file's `classnames`.
+    """
+    classnames = load_prompts(spec)[0]
+    if spec in BUILTIN:
+        return frozenset()
+    heldout = json.loads(Path(spec).read_text()).get("heldout", [])
+    unknown = [name for name in heldout if name not in classnames]
+    if unknown:
+        raise ValueError(f"{spec}: 'heldout' names {unknown[:3]} that are not in 'classnames'")
+    return frozenset(classnames.index(name) for name in heldout)

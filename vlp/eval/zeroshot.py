@@ -62,3 +62,12 @@ def zeroshot_metrics(image_features, labels, classifier, ks=(1, 5)):
     earlier = torch.arange(logits.shape[1], device=logits.device)[None, :] < labels  # (N, C)
     ranks = ((logits > pos) | ((logits == pos) & earlier)).sum(dim=1)  # (N,)
     return {f"zeroshot_top{k}": (ranks < k).float().mean().item() for k in ks}
+
+
+def heldout_masks(labels: torch.Tensor, heldout) -> dict[str, torch.Tensor]:
+    """{"heldout": mask, "seen": mask} over `labels` in and not in the label set `heldout`, when
+    both parts hold samples; {} otherwise (one part alone is the whole metric already)."""
+    is_heldout = torch.isin(labels, torch.tensor(sorted(heldout), dtype=labels.dtype, device=labels.device))
+    if is_heldout.all() or not is_heldout.any():
+        return {}
+    return {"heldout": is_heldout, "seen": ~is_heldout}

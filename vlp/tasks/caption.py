@@ -6,6 +6,7 @@ import torch
 
 from vlp.data.wds import Batch
 from vlp.distributed import all_gather_objects
+from vlp.eval import heldout_masks
 from vlp.eval.captioning import attribute_accuracy, caption_metrics
 from vlp.lit import VLPLitModule
 from vlp.models.caption import caption_forward, caption_loss
@@ -21,7 +22,8 @@ class CaptionLitModule(VLPLitModule):
     loss = contrastive_loss_weight * contrastive loss + caption_loss_weight * next-token cross-entropy
     (padding ignored). Validation adds to pretraining's retrieval and zero-shot metrics
     `val/caption_bleu4`, `val/caption_cider` of generated captions against the validation captions,
-    and `val/caption_attr_acc` on labelled images (see `vlp.eval.captioning.attribute_accuracy`).
+    and `val/caption_attr_acc` on labelled images (see `vlp.eval.captioning.attribute_accuracy`),
+    also split into `_heldout` and `_seen` where the zero-shot prompt file lists held-out classes.
 
     Args:
         model, loss, optimizer: as for `VLPLitModule`; `loss` is the contrastive loss.
@@ -75,6 +77,10 @@ class CaptionLitModule(VLPLitModule):
         labelled = [(c, l) for c, l in zip(captions, labels) if l >= 0]
         if prompts is not None and labelled:
             metrics["caption_attr_acc"] = attribute_accuracy(*zip(*labelled), prompts[0])
+            heldout = getattr(self.trainer.datamodule, "heldout_labels", frozenset)()
+            for part, mask in heldout_masks(torch.tensor([l for _, l in labelled]), heldout).items():
+                chosen = [pair for pair, keep in zip(labelled, mask.tolist()) if keep]
+                metrics[f"caption_attr_acc_{part}"] = attribute_accuracy(*zip(*chosen), prompts[0])
         # every rank holds all captions and computes the same values: no reduction needed
         self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()})
         if self.trainer.is_global_zero:
