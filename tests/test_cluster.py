@@ -99,6 +99,34 @@ def test_kill_9_at_random_moments_then_auto_resume_ends_at_the_right_step_with_e
     assert not list(run.rglob(".*.tmp*"))  # no temporary checkpoint left behind
 
 
+def test_ctrl_c_then_resume_validates_at_the_steps_of_an_uninterrupted_run(tmp_path, data_dir):
+    """The checkpoint saved on Ctrl-C holds a batch that was started and not finished; resumed, the
+    run must count it once, or each later validation comes a step early and the last one twice."""
+    run, max_steps, every = tmp_path / "run", 24, 8
+    args = [sys.executable, "-m", "vlp.train", *SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}",
+            "ckpt_path=auto", f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={every}",
+            "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "logger=csv", "model=clip_micro"]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "csv" / "metrics.csv").exists() and sum(train_rows(run).values()) >= every + 2:
+            break
+        time.sleep(0.05)
+    time.sleep(0.1)  # into the next batch: the row is written between batches
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=300)
+    interrupted = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert every < interrupted["global_step"] < max_steps
+    batches = interrupted["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+    assert batches["started"] == batches["processed"] + 1  # saved in the middle of a batch
+    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    with open(run / "csv" / "metrics.csv") as f:
+        validations = Counter(int(r["step"]) for r in csv.DictReader(f) if r.get("val/num_samples"))
+    assert validations == {step - 1: 1 for step in range(every, max_steps + 1, every)}  # logged at step - 1
+
+
 def test_a_sweep_records_a_failed_trial_goes_on_and_ends_with_a_table(tmp_path, data_dir):
     proc = run_cli("-m", "micro_batch_size=0,null", "debug=fast", f"paths.data_dir={data_dir}",
                    f"hydra.sweep.dir={tmp_path}", "trainer.limit_val_batches=1")

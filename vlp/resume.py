@@ -1,5 +1,6 @@
 """Resume that continues: which checkpoint `ckpt_path=auto` means, atomic checkpoint writes, a
-last.ckpt at the final step, and every rank's random state in the checkpoint (Lightning glue).
+last.ckpt at the final step, the step count of an interrupted batch, and every rank's random state
+in the checkpoint (Lightning glue).
 """
 import logging
 import os
@@ -93,6 +94,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class InterruptedBatch(pl.Callback):
+    """Resuming from a checkpoint saved in the middle of a batch (on Ctrl-C or another exception,
+    or on SLURM's requeue signal) runs that batch again, but Lightning's loop would still count it
+    as started: its restart resets only the epoch's batch counters, not the run's
+    (Lightning-AI/pytorch-lightning#19367). Every later validation would then come one step early
+    and the last one twice. This forgets the unfinished batch before the loop state is restored.
+    """
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        total = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("total")
+        if total and total["started"] > total["processed"]:
+            total["ready"] = total["started"] = total["processed"]
 
 
 class RankRngStates(pl.Callback):
