@@ -97,7 +97,8 @@ def test_vqa_without_fusion_fails_at_start_up_naming_the_fix(tmp_path, data_dir)
 
 
 # the recipe's ResNet CoCa in one process, open_clip's ViT CoCa (task=caption's default) under DDP
-@pytest.mark.parametrize("overrides", [["experiment=caption_synthetic"], ["task=caption", "trainer=ddp", "trainer.devices=2"]],
+@pytest.mark.parametrize("overrides", [["experiment=caption_synthetic"],
+                                       ["task=caption", "trainer=ddp", "trainer.devices=2"]],
                          ids=["1-process-resnet-recipe", "ddp-vit"])
 def test_caption_trains_validates_and_vlp_caption_prints_captions(tmp_path, data_dir, overrides):
     run = tmp_path / "caption"

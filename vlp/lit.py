@@ -14,7 +14,8 @@ from vlp.checkpoint import CONFIG_KEY
 from vlp.config import ObjectivesConf
 from vlp.data.wds import Batch
 from vlp.distributed import all_gather_no_grad, world_info
-from vlp.eval import hard_negative_correct, heldout_masks, rerank_hits, retrieval_metrics, zeroshot_classifier, zeroshot_metrics
+from vlp.eval import (hard_negative_correct, heldout_masks, rerank_hits, retrieval_metrics, zeroshot_classifier,
+                      zeroshot_metrics)
 from vlp.fusion_losses import image_text_matching, itm_match_scores, masked_language_modelling
 from vlp.microbatch import check_micro_batchable, feature_cached_backward
 from vlp.models import VLPModel

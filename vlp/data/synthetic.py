@@ -375,8 +375,8 @@ def write_dataset(out_dir, *, train_samples=20000, val_samples=512, val_seen_sam
     num_shards = {split: math.ceil(n / samples_per_shard) for split, n in counts.items()}
     shards = {split: f"{split}-{{000000..{n - 1:06d}}}.tar" for split, n in num_shards.items()}
     manifest = {"version": _VERSION, "seed": seed, "train_samples": train_samples,
-                "val_samples": val_samples, "val_seen_samples": val_seen_samples, "samples_per_shard": samples_per_shard,
-                "image_size": image_size, "shards": shards}
+                "val_samples": val_samples, "val_seen_samples": val_seen_samples,
+                "samples_per_shard": samples_per_shard, "image_size": image_size, "shards": shards}
     manifest_path = out / "manifest.json"
     complete = manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest
     if not (complete and (out / "sizes.json").is_file() and all((out / f"{split}-{i:06d}.tar").is_file()
