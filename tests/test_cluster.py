@@ -127,6 +127,31 @@ def test_ctrl_c_then_resume_validates_at_the_steps_of_an_uninterrupted_run(tmp_p
     assert validations == {step - 1: 1 for step in range(every, max_steps + 1, every)}  # logged at step - 1
 
 
+def test_data_workers_leave_ctrl_c_to_the_main_process(tmp_path, data_dir):
+    """Ctrl-C in a terminal reaches the data workers too. A worker that died of it would stop the
+    run with "DataLoader worker exited unexpectedly", even in the middle of saving the
+    interrupted run's checkpoint; here only the workers get it, and the run goes on to its end."""
+    run, max_steps = tmp_path / "run", 24
+    small = [a.replace("data.num_workers=0", "data.num_workers=2") for a in SMALL]
+    args = [sys.executable, "-m", "vlp.train", *small, f"paths.data_dir={data_dir}",
+            f"hydra.run.dir={run}", f"trainer.max_steps={max_steps}", "trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1", "logger=csv", "model=clip_micro"]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "csv" / "metrics.csv").exists() and sum(train_rows(run).values()) >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(int(pid), signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert global_step(run / "checkpoints" / "last.ckpt") == max_steps
+
+
 def test_a_sweep_records_a_failed_trial_goes_on_and_ends_with_a_table(tmp_path, data_dir):
     proc = run_cli("-m", "micro_batch_size=0,null", "debug=fast", f"paths.data_dir={data_dir}",
                    f"hydra.sweep.dir={tmp_path}", "trainer.limit_val_batches=1")

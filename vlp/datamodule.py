@@ -1,11 +1,15 @@
 """LightningDataModule over webdataset shards (Lightning glue for vlp.data)."""
 import logging
+import os
+import signal
 import warnings
+from functools import partial
 from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch.utils.data import DataLoader
 
@@ -40,6 +44,20 @@ class PositionedLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.dataset.set_position(state_dict["epoch"], state_dict["step"])
+
+
+def leave_ctrl_c_to_the_main_process(worker_id: int, rank: int) -> None:
+    """A data worker's start: ignore SIGINT, then seed as Lightning would have.
+
+    Ctrl-C in a terminal reaches the whole process group, the workers too. A worker that dies of
+    it makes PyTorch raise "DataLoader worker exited unexpectedly" in the main process, which can
+    come in the middle of saving the interrupted run's checkpoint. The main process stops the
+    workers itself once it has saved. `seed_everything(workers=True)` adds Lightning's seeding
+    only to loaders without a `worker_init_fn`, so this one calls it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank)
 
 
 def check_boxes(model: nn.Module, max_boxes: Optional[int]) -> None:
@@ -145,7 +163,9 @@ class VLPDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset, loader_class=DataLoader, **kwargs) -> DataLoader:
         # the streams batch; the loader must not batch again
+        rank = self.trainer.global_rank if self.trainer is not None else 0
         return loader_class(dataset, batch_size=None, num_workers=self.num_workers,
+                            worker_init_fn=partial(leave_ctrl_c_to_the_main_process, rank=rank),
                             pin_memory=torch.cuda.is_available(),
                             prefetch_factor=self.prefetch_factor if self.num_workers else None, **kwargs)
 
