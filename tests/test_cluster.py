@@ -25,6 +25,12 @@ SMALL = [f"data.prepare.train_samples={TRAIN_SAMPLES}", f"data.prepare.val_sampl
          "data.num_workers=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
+def default_sigint() -> None:
+    """A child's SIGINT as in a terminal: a shell's background job (`make test &`) ignores it, and
+    the child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def train_rows(run_dir) -> Counter:
     """How many times each step's training loss is in the CSV log."""
     with open(Path(run_dir) / "csv" / "metrics.csv") as f:
@@ -106,7 +112,8 @@ def test_ctrl_c_then_resume_validates_at_the_steps_of_an_uninterrupted_run(tmp_p
     args = [sys.executable, "-m", "vlp.train", *SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}",
             "ckpt_path=auto", f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={every}",
             "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "logger=csv", "model=clip_micro"]
-    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=default_sigint)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if (run / "csv" / "metrics.csv").exists() and sum(train_rows(run).values()) >= every + 2:
@@ -136,7 +143,8 @@ def test_data_workers_leave_ctrl_c_to_the_main_process(tmp_path, data_dir):
     args = [sys.executable, "-m", "vlp.train", *small, f"paths.data_dir={data_dir}",
             f"hydra.run.dir={run}", f"trainer.max_steps={max_steps}", "trainer.limit_val_batches=1",
             "trainer.log_every_n_steps=1", "logger=csv", "model=clip_micro"]
-    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if (run / "csv" / "metrics.csv").exists() and sum(train_rows(run).values()) >= 4:

@@ -22,7 +22,11 @@ class WorkerState(IterableDataset):
 
 def first_item(worker_init_fn):
     torch.manual_seed(5)  # the loader draws its workers' base seed from the main process's RNG
-    return next(iter(DataLoader(WorkerState(), batch_size=None, num_workers=1, worker_init_fn=worker_init_fn)))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a worker inherits it: not ignored
+    try:
+        return next(iter(DataLoader(WorkerState(), batch_size=None, num_workers=1, worker_init_fn=worker_init_fn)))
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_worker_ignores_sigint_and_draws_what_lightnings_seeding_gives():
