@@ -37,6 +37,12 @@ def train_rows(run_dir) -> Counter:
         return Counter(int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss"))
 
 
+def validation_rows(run_dir) -> Counter:
+    """How many times each step's validation is in the CSV log."""
+    with open(Path(run_dir) / "csv" / "metrics.csv") as f:
+        return Counter(int(r["step"]) for r in csv.DictReader(f) if r.get("val/num_samples"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -71,9 +77,9 @@ def test_two_torchrun_ranks_write_one_run_directory(tmp_path, data_dir):
 
 def test_kill_9_at_random_moments_then_auto_resume_ends_at_the_right_step_with_every_step_logged_once(
         tmp_path, data_dir):
-    run, max_steps = tmp_path / "run", 26
+    run, max_steps, every = tmp_path / "run", 26, 8
     args = [sys.executable, "-m", "vlp.train", *SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}",
-            "ckpt_path=auto", f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={max_steps}",
+            "ckpt_path=auto", f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={every}",
             "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=4",
             "logger=[csv,tensorboard]", "scheduler.warmup_steps=5", "model=clip_micro"]
     rng = random.Random(0)
@@ -99,15 +105,49 @@ def test_kill_9_at_random_moments_then_auto_resume_ends_at_the_right_step_with_e
     load_model(run / "checkpoints" / "last.ckpt")
     rows = train_rows(run)
     assert sorted(rows) == list(range(max_steps)) and set(rows.values()) == {1}, rows
+    # in the loop at step - 1, then the final one at the last step
+    assert validation_rows(run) == {**{step - 1: 1 for step in range(every, max_steps, every)}, max_steps: 1}
     # the config of every launch is kept; only the latest step snapshots are
     assert len(list((run / ".hydra" / "launches").iterdir())) == 4
     assert len(list((run / "checkpoints").glob("step*.ckpt"))) == 3
     assert not list(run.rglob(".*.tmp*"))  # no temporary checkpoint left behind
 
 
-def test_ctrl_c_then_resume_validates_at_the_steps_of_an_uninterrupted_run(tmp_path, data_dir):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill_9", "ctrl_c"])
+def test_stopped_during_the_validation_of_a_checkpoint_step_then_resume_runs_that_validation(
+        tmp_path, data_dir, stop):
+    """Killed, the run resumes from the checkpoint before the validation: a step's checkpoint must come
+    after its validation, or Lightning's loop skips the validation as done. Stopped with Ctrl-C, it
+    saves a checkpoint in the middle of the validation, from which the whole validation runs again."""
+    run, max_steps, every = tmp_path / "run", 16, 8
+    args = [sys.executable, "-m", "vlp.train", *SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}",
+            "ckpt_path=auto", f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={every}",
+            "trainer.log_every_n_steps=1", f"callbacks.checkpoint.every_n_train_steps={every // 2}",
+            "logger=csv", "model=clip_micro"]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=default_sigint)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "csv" / "metrics.csv").exists() and train_rows(run)[every - 1]:
+            break  # the step's row is written right before its validation
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(stop)
+    proc.wait(timeout=300)
+    assert not validation_rows(run), "the run was stopped after the validation it must interrupt"
+    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert validation_rows(run) == {every - 1: 1, max_steps - 1: 1}  # logged at step - 1
+    rows = train_rows(run)
+    assert sorted(rows) == list(range(max_steps)) and set(rows.values()) == {1}, rows
+
+
+@pytest.mark.parametrize("after", ["a_few_batches", "a_validation"])
+def test_ctrl_c_in_a_batch_then_resume_validates_and_logs_at_the_steps_of_an_uninterrupted_run(
+        tmp_path, data_dir, after):
     """The checkpoint saved on Ctrl-C holds a batch that was started and not finished; resumed, the
-    run must count it once, or each later validation comes a step early and the last one twice."""
+    run must count it once, or each later validation comes a step early and the last one twice (and
+    right after a validation, every later row a step late)."""
     run, max_steps, every = tmp_path / "run", 24, 8
     args = [sys.executable, "-m", "vlp.train", *SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}",
             "ckpt_path=auto", f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={every}",
@@ -116,22 +156,20 @@ def test_ctrl_c_then_resume_validates_at_the_steps_of_an_uninterrupted_run(tmp_p
                             preexec_fn=default_sigint)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "csv" / "metrics.csv").exists() and sum(train_rows(run).values()) >= every + 2:
+        if (run / "csv" / "metrics.csv").exists() and (
+                validation_rows(run) if after == "a_validation" else sum(train_rows(run).values()) >= every + 2):
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     time.sleep(0.1)  # into the next batch: the row is written between batches
     assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=300)
-    interrupted = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert every < interrupted["global_step"] < max_steps
-    batches = interrupted["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
-    assert batches["started"] == batches["processed"] + 1  # saved in the middle of a batch
+    assert every <= global_step(run / "checkpoints" / "last.ckpt") < max_steps
     proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    with open(run / "csv" / "metrics.csv") as f:
-        validations = Counter(int(r["step"]) for r in csv.DictReader(f) if r.get("val/num_samples"))
-    assert validations == {step - 1: 1 for step in range(every, max_steps + 1, every)}  # logged at step - 1
+    assert validation_rows(run) == {step - 1: 1 for step in range(every, max_steps + 1, every)}  # logged at step - 1
+    rows = train_rows(run)
+    assert sorted(rows) == list(range(max_steps)) and set(rows.values()) == {1}, rows
 
 
 def test_data_workers_leave_ctrl_c_to_the_main_process(tmp_path, data_dir):

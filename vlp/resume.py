@@ -1,6 +1,6 @@
-"""Resume that continues: which checkpoint `ckpt_path=auto` means, atomic checkpoint writes, a
-last.ckpt at the final step, the step count of an interrupted batch, and every rank's random state
-in the checkpoint (Lightning glue).
+"""Resume that continues: which checkpoint `ckpt_path=auto` means, atomic checkpoint writes, step
+checkpoints after their validation and at the final step, the loop state of a checkpoint saved in
+the middle of a batch or a validation, and every rank's random state (Lightning glue).
 """
 import logging
 import os
@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.trainer.states import TrainerFn
 
 from vlp.rundir import slurm_batch_job
 
@@ -47,12 +48,21 @@ def global_step(path: Path) -> int:
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """Lightning's `ModelCheckpoint` that also saves `last.ckpt` at the final step, and never
-    hangs a multi-process run that fails on one rank.
+    """Lightning's `ModelCheckpoint` that saves a validation step's checkpoint after its validation,
+    also saves `last.ckpt` at the final step, and never hangs a multi-process run that fails on one rank.
 
-    Lightning saves `last.ckpt` at the end of training only when it never saved one before, so
-    a run whose last step is not a multiple of `every_n_train_steps` would end on an older one.
+    Lightning saves a step's checkpoint before that step's validation, and a run resumed from it
+    skips the validation as done: a kill during a validation lost it for good. Lightning saves
+    `last.ckpt` at the end of training only when it never saved one before, so a run whose last
+    step is not a multiple of `every_n_train_steps` would end on an older one.
     """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            self._defer_save_until_validation = True  # Lightning's own hold: saved in on_validation_end
+            return
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Saving is collective (Lightning's barrier, every rank's random state). An error raised on
@@ -96,18 +106,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
-class InterruptedBatch(pl.Callback):
-    """Resuming from a checkpoint saved in the middle of a batch (on Ctrl-C or another exception,
-    or on SLURM's requeue signal) runs that batch again, but Lightning's loop would still count it
-    as started: its restart resets only the epoch's batch counters, not the run's
-    (Lightning-AI/pytorch-lightning#19367). Every later validation would then come one step early
-    and the last one twice. This forgets the unfinished batch before the loop state is restored.
+class ResumePoint(pl.Callback):
+    """Makes every checkpoint of a fit resume after its last finished batch, and one saved in the middle
+    of a validation (on Ctrl-C or another exception, or on SLURM's requeue signal) run that whole
+    validation again.
+
+    Lightning's loop resumes from progress counters that it reads right only at the points where its
+    own `ModelCheckpoint` saves. From a checkpoint saved within a batch, the unfinished batch stayed
+    counted in the run's batches (Lightning-AI/pytorch-lightning#19367), so each later validation came
+    a step early and the last one twice; and right after a validation, every later log row came a step
+    late. A validation cut off between two of its batches counted as done and was skipped; cut off
+    within one, it went on from that batch's index, over the loader's first batches.
     """
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        total = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("total")
-        if total and total["started"] > total["processed"]:
-            total["ready"] = total["started"] = total["processed"]
+    def __init__(self):
+        self._validated_at_step = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validated_at_step = trainer.global_step  # its metrics are logged: it must not run again
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        loop = checkpoint["loops"]["fit_loop"]
+        if trainer.validating and self._validated_at_step != trainer.global_step:
+            # saved as within the validation's first batch, from which Lightning runs all of it again
+            validation = loop["epoch_loop.val_loop.batch_progress"]
+            before = validation["total"]["completed"] - validation["current"]["completed"]  # earlier validations
+            validation["total"] = {"ready": before + 1, "started": before + 1, "processed": before, "completed": before}
+            validation["current"] = dict.fromkeys(validation["current"], 0)
+            return
+        batches = loop["epoch_loop.batch_progress"]
+        for counts in batches["total"], batches["current"]:
+            counts["ready"] = counts["started"] = counts["processed"]  # forget a batch not finished
+        done_in_epoch = batches["current"]["processed"]
+        if done_in_epoch:  # saved as at the end of the last finished batch, as Lightning's own checkpoints are
+            for counts in batches["total"], batches["current"]:
+                counts["completed"] = counts["processed"] - 1
+            stepped = done_in_epoch % trainer.accumulate_grad_batches == 0  # Lightning counts it again on resume
+            loop["epoch_loop.state_dict"]["_batches_that_stepped"] = trainer.global_step - stepped
 
 
 class RankRngStates(pl.Callback):

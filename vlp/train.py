@@ -33,7 +33,7 @@ from vlp.datamodule import check_boxes
 from vlp.guards import StopOnNonFiniteLoss
 from vlp.loggers import build_loggers
 from vlp.models.attention import attention_kernels
-from vlp.resume import AtomicCheckpointIO, InterruptedBatch, RankRngStates, global_step, resolve_ckpt_path
+from vlp.resume import AtomicCheckpointIO, RankRngStates, ResumePoint, global_step, resolve_ckpt_path
 from vlp.rundir import keep_launch_config, remove_interrupted_writes
 from vlp.sweep import in_sweep, record_failure, reject_lightning_spawner
 
@@ -86,7 +86,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             seed=cfg.seed,
         )
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
-        callbacks += [StopOnNonFiniteLoss(), RankRngStates(), InterruptedBatch(), training]
+        callbacks += [StopOnNonFiniteLoss(), RankRngStates(), ResumePoint(), training]
         loggers = build_loggers(cfg.logger, str(run_dir), resume_step=global_step(ckpt_path) if ckpt_path else 0)
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                               plugins=[AtomicCheckpointIO()], **fusion_ddp_options(cfg))
