@@ -123,7 +123,8 @@ class ResumePoint(pl.Callback):
         self._validated_at_step = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._validated_at_step = trainer.global_step  # its metrics are logged: it must not run again
+        if not trainer.sanity_checking:
+            self._validated_at_step = trainer.global_step  # its metrics are logged: it must not run again
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
