@@ -142,6 +142,16 @@ def test_stopped_during_the_validation_of_a_checkpoint_step_then_resume_runs_tha
     assert sorted(rows) == list(range(max_steps)) and set(rows.values()) == {1}, rows
 
 
+def test_a_run_without_validation_data_still_saves_at_the_validation_steps(tmp_path, data_dir):
+    """A validating step's checkpoint waits for its validation, which never comes without validation data."""
+    run = tmp_path / "run"
+    cli(*SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}", "data.val.urls=null", "trainer.max_steps=9",
+        "trainer.val_check_interval=4", "callbacks.checkpoint.every_n_train_steps=4",
+        "callbacks.checkpoint.save_top_k=-1", "model=clip_micro")
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*.ckpt")) == [
+        "step0000004.ckpt", "step0000008.ckpt", "step0000009.ckpt"]
+
+
 @pytest.mark.parametrize("after", ["a_few_batches", "a_validation"])
 def test_ctrl_c_in_a_batch_then_resume_validates_and_logs_at_the_steps_of_an_uninterrupted_run(
         tmp_path, data_dir, after):

@@ -64,6 +64,11 @@ class StepCheckpoint(ModelCheckpoint):
             return
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
+        if self._defer_save_until_validation:  # the validation did not run: a run without validation data
+            self._defer_save_until_validation = False
+            super().on_train_batch_end(trainer, pl_module, None, *args, **kwargs)
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Saving is collective (Lightning's barrier, every rank's random state). An error raised on
         # one rank leaves the others blocked in the step's all-reduce, so saving would wait for
