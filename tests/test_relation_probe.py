@@ -29,13 +29,15 @@ def test_object_tokens_hold_colour_shape_and_coordinates(probe):
         assert row[12:].tolist() == pytest.approx([(x1 + x2) * 2 - 2, (y1 + y2) * 2 - 2, 1.0])
 
 
-def test_pairs_are_a_caption_and_its_positions_swapped_false_caption(probe):
+def test_pairs_are_a_caption_and_a_false_caption_with_its_shapes_elsewhere(probe):
     pairs = probe.position_swap_pairs(seed=0, count=60)
     assert pairs
     where = {"left", "right", "top", "bottom", "center", "above", "below"}
     for _, objects, caption, false_caption in pairs:
         assert len(objects) == 2 and false_caption != caption
         assert where & set(caption.replace(".", "").split()), caption  # what the task is about
+        assert len(probe.coloured_shapes(caption)) == 2, caption
+        assert probe.coloured_shapes(false_caption) == probe.coloured_shapes(caption), false_caption
 
 
 def test_region_tokens_pool_each_objects_box(probe):
