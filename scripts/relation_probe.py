@@ -159,9 +159,9 @@ def text(captions: list[str], args, model) -> tuple:
     if args.text == "tower":
         return model.encode_text_tokens(model.tokenizer(captions))
     ids = args.tokenizer(captions)
-    ids = ids[:, :int((ids != 0).sum(dim=1).max())]  # no all-padding columns: the same result, faster
-    if args.text == "words":
+    if args.text == "words":  # kept at full length: OwnWords is built from every set's ids at once
         return ids, ids == 0, ids.argmax(dim=-1)
+    ids = ids[:, :int((ids != 0).sum(dim=1).max())]  # no all-padding columns: the same result, faster
     return args.words[ids] + args.positions[:ids.shape[1]], ids == 0, ids.argmax(dim=-1)
 
 
