@@ -39,7 +39,6 @@ from vlp.models.heads import ITMHead
 from vlp.models.tokens import image_tokens
 
 WIDTH, PATCH = 128, 8
-WHERE = re.compile(r"\b(left|right|above|below|top|bottom|center)\b")
 
 
 def position_swap_pairs(seed: int, count: int) -> list[tuple]:
@@ -50,7 +49,7 @@ def position_swap_pairs(seed: int, count: int) -> list[tuple]:
     pairs = []
     for index in range(count):
         image, caption, meta = synthetic.render_sample(seed, "train", index)
-        if len(meta["objects"]) != 2 or not WHERE.search(caption):
+        if len(meta["objects"]) != 2 or not synthetic.SAYS_WHERE.search(caption):
             continue
         moved = [n for n in meta.get("negatives") or [] if coloured_shapes(n) == coloured_shapes(caption)]
         if moved:
@@ -59,9 +58,8 @@ def position_swap_pairs(seed: int, count: int) -> list[tuple]:
 
 
 def coloured_shapes(caption: str) -> set[str]:
-    """The caption's "colour shape" word pairs, e.g. {"red circle", "blue square"}."""
-    words = re.findall(r"[a-z]+", caption)
-    return {f"{a} {b}" for a, b in zip(words, words[1:]) if a in synthetic.COLOURS and b in synthetic.SHAPES}
+    """The coloured shapes a caption names, e.g. {"red circle", "blue square"}."""
+    return {name for name in synthetic.CLASSNAMES if re.search(rf"\b{name}\b", caption)}
 
 
 def object_tokens(objects: list[dict]) -> torch.Tensor:

@@ -192,7 +192,7 @@ def _caption(rng, objects, background):
     return rng.choice(_FRAMES).format(f"{pa} and {pb}{suffix}")
 
 
-_SAYS_WHERE = re.compile(r"\b(left|right|above|below|top|bottom|center)\b")
+SAYS_WHERE = re.compile(r"\b(left|right|above|below|top|bottom|center)\b")
 
 
 def _identity(obj):
@@ -216,7 +216,7 @@ def _caption_with_negatives(rng, objects, background):
     for variant in variants:
         rng.bit_generator.state = state  # the same choices of words and order
         negative = _caption(rng, list(variant), background)
-        if variant is variants[2] and not _SAYS_WHERE.search(negative):
+        if variant is variants[2] and not SAYS_WHERE.search(negative):
             continue
         if negative != caption and negative not in negatives:
             negatives.append(negative)
