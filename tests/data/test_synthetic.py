@@ -165,6 +165,27 @@ def test_relation_captions_train_with_the_relation_reversed_and_the_objects_swap
     assert stated > 0.5 * clear  # two thirds of those in a clear relation (a third before version 7)
 
 
+def test_relation_captions_put_every_two_object_training_image_in_a_stated_relation():
+    """The mix experiment=fusion_synthetic trains on: far more relation pairs, the same validation."""
+    colour, shape = "|".join(COLOURS), "|".join(SHAPES)
+    relation = re.compile(rf"^(?:an?|one) .*({colour}) ({shape}) (to the left of|to the right of|above|below) "
+                          rf"\w+(?: \w+)*? ({colour}) ({shape})\.$")
+    mix = dict(two_objects=0.8, relation_captions=True)
+    samples = [render_sample(0, "train", i, 32, **mix) for i in range(200)]
+    two = [(caption, meta) for _, caption, meta in samples if len(meta["objects"]) == 2]
+    assert 0.7 < len(two) / len(samples) < 0.9
+    for caption, meta in two:
+        assert relation.match(caption), caption  # stated, and test_spatial_relations_... checks it is true
+        assert len(meta["negatives"]) >= 2, meta["negatives"]  # relation reversed, objects swapped (colours)
+    default = [render_sample(0, "train", i, 32)[1] for i in range(200)]
+    assert sum(map(bool, map(relation.match, default))) < 0.3 * len(two)  # ~12 in 64 against ~44
+    for index in (0, 1, 7):  # the validation splits do not depend on the mix
+        for split in ("val", "val_seen"):
+            image, caption, meta = render_sample(0, split, index, 32, **mix)
+            plain = render_sample(0, split, index, 32)
+            assert (_png(image), caption, meta) == (_png(plain[0]), plain[1], plain[2])
+
+
 def test_captions_name_every_object_and_vary(train_samples, val_samples):
     captions = []
     for _, caption, meta in train_samples + val_samples:
@@ -277,6 +298,12 @@ def test_cli_writes_dataset_and_reruns_quickly(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(synthetic, "_write_shard", lambda job: pytest.fail("not skipped"))
     main(argv)
     assert "train-{000000..000001}" in capsys.readouterr().out
+    monkeypatch.undo()
+    main([*argv, "--two-objects", "1", "--relation-captions"])  # another mix: written again
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["two_objects"] == 1.0 and manifest["relation_captions"] is True
+    with wds.WebDataset(str(tmp_path / "train-000000.tar"), shardshuffle=False) as shard:
+        assert all(len(json.loads(sample["json"])["objects"]) == 2 for sample in shard)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -286,6 +313,8 @@ def test_cli_writes_dataset_and_reruns_quickly(tmp_path, capsys, monkeypatch):
     (["--samples-per-shard", "0"], "--samples-per-shard"),
     (["--seed", "x"], "--seed: invalid integer value"),
     (["--image-size", "4"], "--image-size: must be an integer >= 16"),
+    (["--two-objects", "1.5"], "--two-objects: must be a share in [0, 1], got 1.5"),
+    (["--two-objects", "half"], "--two-objects: invalid share value: 'half'"),
     (["--split", "test"], "unrecognized arguments"),
 ])
 def test_cli_rejects_bad_arguments(tmp_path, capsys, args, message):
@@ -303,6 +332,8 @@ def test_functions_reject_bad_arguments(tmp_path):
         write_split(tmp_path, "test", 10)
     with pytest.raises(ValueError, match="positive"):
         write_dataset(tmp_path, train_samples=0)
+    with pytest.raises(ValueError, match=r"two_objects is a share of the training images, in \[0, 1\]; got -0.1"):
+        write_dataset(tmp_path, two_objects=-0.1)
     assert not any(tmp_path.iterdir())
 
 

@@ -10,7 +10,9 @@ swapped) that a bag of words cannot tell from the truth. Two-object training ima
 negatives too, for objectives that train on them (ITM): their caption with the colours swapped,
 with the positions swapped, and with the objects swapped in place, where the caption says where
 things are. Two thirds of the two-object training images in a clear relation are captioned with
-it, so a fusion sees the relation words often enough to learn them. The "val_seen" split shows
+it, so a fusion sees the relation words often enough to learn them; `relation_captions` puts every
+two-object training image in a clear relation and captions it so, and `two_objects` sets their
+share (0.5), for fusions that must learn the relations in few steps. The "val_seen" split shows
 one object of a training pair per image: fresh images of what training saw, the other half of a
 compositional test (zeroshot.json lists the HELDOUT classes under "heldout", so metrics can report
 the two halves apart). Every sample is a pure function of (seed, split, index), so shard size and
@@ -174,8 +176,9 @@ def _two_object_val(rng):
                 return objects
 
 
-def _caption(rng, objects, background):
-    """Natural-language caption naming every object's colour and shape."""
+def _caption(rng, objects, background, relation_captions=False):
+    """Natural-language caption naming every object's colour and shape; relation_captions: two
+    objects in a clear relation are always captioned with it."""
     suffix = f" on a {rng.choice([background, 'plain'])} background" if rng.random() < 0.25 else ""
     if len(objects) == 1:
         determiner = rng.choice(["a", "one", "a single"], p=[0.6, 0.2, 0.2])
@@ -183,7 +186,8 @@ def _caption(rng, objects, background):
         return rng.choice(_FRAMES).format(phrase + suffix)
     a, b = (objects[i] for i in rng.permutation(2))
     relation = _relation(a, b)
-    form = 0 if relation and rng.random() < 0.5 else rng.integers(3)  # relation form 2/3 of the time
+    stated = 1.0 if relation_captions else 0.5  # a clear relation is stated this often, or in 1/3 of the rest
+    form = 0 if relation and rng.random() < stated else rng.integers(3)
     if form == 0 and relation:
         return f"{_noun_phrase(rng, a)} {relation} {_noun_phrase(rng, b)}."
     pa, pb = _noun_phrase(rng, a, position_p=0.3), _noun_phrase(rng, b, position_p=0.3)
@@ -199,12 +203,12 @@ def _identity(obj):
     return {key: obj[key] for key in ("colour", "shape", "size")}
 
 
-def _caption_with_negatives(rng, objects, background):
+def _caption_with_negatives(rng, objects, background, relation_captions=False):
     """A caption, and for two objects the same sentence with the colours swapped, with the
     positions swapped and with the objects swapped in place (where it says where things are, or
     it would stay true), each where that changes it: false for the image, the same names."""
     state = rng.bit_generator.state
-    caption = _caption(rng, objects, background)
+    caption = _caption(rng, objects, background, relation_captions)
     if len(objects) == 1:
         return caption, None
     after = rng.bit_generator.state
@@ -215,7 +219,7 @@ def _caption_with_negatives(rng, objects, background):
     negatives = []
     for variant in variants:
         rng.bit_generator.state = state  # the same choices of words and order
-        negative = _caption(rng, list(variant), background)
+        negative = _caption(rng, list(variant), background, relation_captions)
         if variant is variants[2] and not SAYS_WHERE.search(negative):
             continue
         if negative != caption and negative not in negatives:
@@ -224,7 +228,7 @@ def _caption_with_negatives(rng, objects, background):
     return caption, negatives or None
 
 
-def render_sample(seed, split, index, image_size=64):
+def render_sample(seed, split, index, image_size=64, *, two_objects=0.5, relation_captions=False):
     """Renders one sample; a pure function of (seed, split, index).
 
     Layout and caption do not depend on image_size, only the pixel resolution does.
@@ -236,6 +240,10 @@ def render_sample(seed, split, index, image_size=64):
             object of a training pair).
         index: Non-negative sample index within the split.
         image_size: Output width and height in pixels.
+        two_objects: Share of "train" images with two objects.
+        relation_captions: Place the two objects of every "train" image in a clear spatial
+            relation and caption them with it (else at random, and two thirds of those in a clear
+            relation are captioned with it). The other splits do not depend on either.
 
     Returns:
         (image, caption, meta): an RGB PIL image, the caption, and metadata
@@ -246,13 +254,17 @@ def render_sample(seed, split, index, image_size=64):
         two-object val samples, "negatives": [caption, ...].
 
     Raises:
-        ValueError: On an unknown split.
+        ValueError: On an unknown split or a two_objects outside [0, 1].
     """
     _check_split(split)
+    _check_share(two_objects)
     rng = np.random.default_rng([seed, SPLITS[split], index])
     negatives = None
     if split == "train":
-        objects = _sample_objects(rng, rng.choice(_TRAIN_IDS, size=1 + int(rng.random() < 0.5), replace=False))
+        ids = rng.choice(_TRAIN_IDS, size=1 + int(rng.random() < two_objects), replace=False)
+        objects = _sample_objects(rng, ids)
+        while relation_captions and len(objects) == 2 and not _relation(*objects):
+            objects = _sample_objects(rng, ids)
     elif split == "val_seen":
         objects = _sample_objects(rng, [_TRAIN_IDS[index % len(_TRAIN_IDS)]])  # balanced classes
     elif index % 2 == 0:
@@ -264,7 +276,7 @@ def render_sample(seed, split, index, image_size=64):
     grey = BACKGROUNDS[background] + int(rng.integers(-8, 9))
     image = _render(objects, (grey,) * 3, image_size)
     if negatives is None:
-        caption, negatives = _caption_with_negatives(rng, objects, background)
+        caption, negatives = _caption_with_negatives(rng, objects, background, relation_captions)
     else:
         caption = _relation_caption(*objects, _relation(*objects))
     public = ("colour", "shape", "size", "position", "class")
@@ -278,11 +290,11 @@ def render_sample(seed, split, index, image_size=64):
 
 def _write_shard(job):
     """Writes samples [start, stop) of a split to one shard; returns the sample count."""
-    path, split, start, stop, seed, image_size = job
+    path, split, start, stop, seed, image_size, mix = job
     tmp = f"{path}.tmp"  # renamed on success, so a crash never leaves a truncated shard
     with wds.TarWriter(tmp, encoder=False, mtime=0) as sink:  # fixed mtime: reproducible tars
         for index in range(start, stop):
-            image, caption, meta = render_sample(seed, split, index, image_size)
+            image, caption, meta = render_sample(seed, split, index, image_size, **mix)
             png = io.BytesIO()
             image.save(png, format="PNG")
             sample = {"__key__": f"{split}_{index:08d}", "png": png.getvalue(),
@@ -299,6 +311,11 @@ def _check_split(split):
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
 
 
+def _check_share(two_objects):
+    if not 0 <= two_objects <= 1:
+        raise ValueError(f"two_objects is a share of the training images, in [0, 1]; got {two_objects}")
+
+
 def _check_sizes(num_samples, samples_per_shard, image_size):
     if num_samples < 1 or samples_per_shard < 1:
         raise ValueError("sample counts and samples_per_shard must be positive")
@@ -307,7 +324,7 @@ def _check_sizes(num_samples, samples_per_shard, image_size):
 
 
 def write_split(out_dir, split, num_samples, *, seed=0, samples_per_shard=1000, image_size=64,
-                workers=None, progress=False):
+                two_objects=0.5, relation_captions=False, workers=None, progress=False):
     """Renders a split into shards "{split}-000000.tar", ... in out_dir.
 
     Stale shards of the same split beyond the new shard count are deleted, and so is
@@ -320,6 +337,7 @@ def write_split(out_dir, split, num_samples, *, seed=0, samples_per_shard=1000, 
         seed: Dataset seed.
         samples_per_shard: Samples per shard; the last shard may be shorter.
         image_size: Image width and height in pixels.
+        two_objects, relation_captions: The training images' mix, as in render_sample.
         workers: Processes to render with; defaults to the CPU count (at most one per shard).
             The output does not depend on it.
         progress: Show a tqdm progress bar.
@@ -328,10 +346,11 @@ def write_split(out_dir, split, num_samples, *, seed=0, samples_per_shard=1000, 
         The shard paths written, in order.
 
     Raises:
-        ValueError: On an unknown split or non-positive sizes.
+        ValueError: On an unknown split, non-positive sizes or a two_objects outside [0, 1].
     """
     _check_split(split)
     _check_sizes(num_samples, samples_per_shard, image_size)
+    _check_share(two_objects)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # also keeps a crashed rewrite incomplete
@@ -341,7 +360,8 @@ def write_split(out_dir, split, num_samples, *, seed=0, samples_per_shard=1000, 
         if re.fullmatch(rf"{split}-\d{{6}}\.tar", old.name) and str(old) not in paths:
             old.unlink()
     jobs = [(path, split, i * samples_per_shard, min((i + 1) * samples_per_shard, num_samples),
-             seed, image_size) for i, path in enumerate(paths)]
+             seed, image_size, {"two_objects": two_objects, "relation_captions": relation_captions})
+            for i, path in enumerate(paths)]
     workers = min(len(jobs), workers or os.cpu_count() or 1)
     with tqdm(total=num_samples, desc=split, unit="img", disable=not progress) as bar, \
             (Pool(workers) if workers > 1 else nullcontext()) as pool:
@@ -351,7 +371,8 @@ def write_split(out_dir, split, num_samples, *, seed=0, samples_per_shard=1000, 
 
 
 def write_dataset(out_dir, *, train_samples=20000, val_samples=512, val_seen_samples=256, seed=0,
-                  samples_per_shard=1000, image_size=64, workers=None, progress=False):
+                  samples_per_shard=1000, image_size=64, two_objects=0.5, relation_captions=False,
+                  workers=None, progress=False):
     """Writes the three splits, zeroshot.json, sizes.json and manifest.json; skips work if already complete.
 
     Args:
@@ -359,14 +380,15 @@ def write_dataset(out_dir, *, train_samples=20000, val_samples=512, val_seen_sam
         train_samples: Number of train samples.
         val_samples: Number of val samples.
         val_seen_samples: Number of val_seen samples.
-        seed, samples_per_shard, image_size, workers, progress: As in write_split.
+        seed, samples_per_shard, image_size, two_objects, relation_captions, workers, progress: As
+            in write_split.
 
     Returns:
         Brace-expandable shard patterns, e.g. {"train": "<out>/train-{000000..000019}.tar",
         "val": "<out>/val-{000000..000000}.tar", "val_seen": ...}.
 
     Raises:
-        ValueError: On non-positive sizes.
+        ValueError: On non-positive sizes or a two_objects outside [0, 1].
     """
     counts = {"train": train_samples, "val": val_samples, "val_seen": val_seen_samples}
     for n in counts.values():
@@ -376,14 +398,16 @@ def write_dataset(out_dir, *, train_samples=20000, val_samples=512, val_seen_sam
     shards = {split: f"{split}-{{000000..{n - 1:06d}}}.tar" for split, n in num_shards.items()}
     manifest = {"version": _VERSION, "seed": seed, "train_samples": train_samples,
                 "val_samples": val_samples, "val_seen_samples": val_seen_samples,
-                "samples_per_shard": samples_per_shard, "image_size": image_size, "shards": shards}
+                "samples_per_shard": samples_per_shard, "image_size": image_size,
+                "two_objects": two_objects, "relation_captions": relation_captions, "shards": shards}
     manifest_path = out / "manifest.json"
     complete = manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest
     if not (complete and (out / "sizes.json").is_file() and all((out / f"{split}-{i:06d}.tar").is_file()
                                                               for split, n in num_shards.items() for i in range(n))):
         for split, n in counts.items():
-            write_split(out, split, n, seed=seed, samples_per_shard=samples_per_shard,
-                        image_size=image_size, workers=workers, progress=progress)
+            write_split(out, split, n, seed=seed, samples_per_shard=samples_per_shard, image_size=image_size,
+                        two_objects=two_objects, relation_captions=relation_captions, workers=workers,
+                        progress=progress)
         zeroshot = {"classnames": CLASSNAMES, "templates": list(TEMPLATES),
                     "heldout": [f"{colour} {shape}" for colour, shape in HELDOUT]}
         (out / "zeroshot.json").write_text(json.dumps(zeroshot, indent=2))
@@ -405,6 +429,16 @@ def _int_at_least(minimum):
     return parse
 
 
+def _share(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a share in [0, 1], got {value}")
+    return value
+
+
+_share.__name__ = "share"  # argparse names the type in "invalid share value" errors
+
+
 def main(argv=None):
     """CLI entry point `vlp-synthetic`: writes the dataset and prints its shard patterns."""
     parser = argparse.ArgumentParser(prog="vlp-synthetic", description=__doc__.splitlines()[0])
@@ -415,6 +449,10 @@ def main(argv=None):
                                    ("--image-size", _MIN_IMAGE_SIZE, 64)]:
         parser.add_argument(flag, type=_int_at_least(minimum), default=default,
                             help="default: %(default)s")
+    parser.add_argument("--two-objects", type=_share, default=0.5,
+                        help="share of training images with two objects (default: %(default)s)")
+    parser.add_argument("--relation-captions", action="store_true",
+                        help="every two-object training image in a clear spatial relation, captioned with it")
     parser.add_argument("--workers", type=_int_at_least(1),
                         help="rendering processes (default: CPU count)")
     args = parser.parse_args(argv)
@@ -422,7 +460,8 @@ def main(argv=None):
                              val_samples=args.val_samples, val_seen_samples=args.val_seen_samples,
                              seed=args.seed,
                              samples_per_shard=args.samples_per_shard,
-                             image_size=args.image_size, workers=args.workers, progress=True)
+                             image_size=args.image_size, two_objects=args.two_objects,
+                             relation_captions=args.relation_captions, workers=args.workers, progress=True)
     for split, pattern in patterns.items():
         print(f"{split}: {pattern}")
 
