@@ -72,6 +72,18 @@ def test_default_config_is_the_small_model_on_synthetic_data_on_cpu():
     assert cfg.trainer.precision == "bf16-mixed"
 
 
+def test_the_fusion_demo_trains_on_relation_rich_data_and_its_vqa_recipe_on_the_questions(tmp_path):
+    fusion = compose_train(["experiment=fusion_synthetic", f"paths.data_dir={tmp_path}"]).data
+    prepare = instantiate(fusion.prepare)
+    assert (prepare.keywords["two_objects"], prepare.keywords["relation_captions"]) == (0.8, True)
+    folder = str(tmp_path / "synthetic_relations")  # its own folder: the default data stays as it is
+    assert prepare.keywords["out_dir"] == folder
+    assert all(str(path).startswith(folder) for path in (fusion.train.urls, fusion.val.urls, fusion.zeroshot))
+    vqa = compose_train(["experiment=vqa_synthetic", f"paths.data_dir={tmp_path}"]).data  # builds on fusion_synthetic
+    assert vqa.num_answers == 16 and vqa.train.urls.startswith(str(tmp_path / "synthetic" / "train"))
+    assert not instantiate(vqa.prepare).keywords["relation_captions"]
+
+
 @pytest.mark.parametrize("override,culprit", [
     ("trainer.max_step=5", "max_step"),  # typo of a key
     ("data.batchsize=8", "batchsize"),
