@@ -19,7 +19,7 @@ from vlp.data.synthetic import render_sample
 from vlp.eval.rerank import hard_negative_correct
 from vlp.fusion_losses import itm_match_scores
 
-KINDS = ("colours swapped", "relation reversed", "objects swapped")  # vlp.data.synthetic._hard_negatives
+KINDS = ("colours swapped", "relation reversed", "objects swapped")  # vlp.data.synthetic_captions.hard_negatives
 
 
 def main() -> None:

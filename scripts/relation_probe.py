@@ -34,6 +34,7 @@ from torchvision.ops import roi_align
 
 from vlp.checkpoint import load_model
 from vlp.data import synthetic
+from vlp.data.synthetic_captions import SAYS_WHERE
 from vlp.models.fusion import CrossAttentionFusion
 from vlp.models.heads import ITMHead
 from vlp.models.tokens import image_tokens
@@ -49,7 +50,7 @@ def position_swap_pairs(seed: int, count: int) -> list[tuple]:
     pairs = []
     for index in range(count):
         image, caption, meta = synthetic.render_sample(seed, "train", index)
-        if len(meta["objects"]) != 2 or not synthetic.SAYS_WHERE.search(caption):
+        if len(meta["objects"]) != 2 or not SAYS_WHERE.search(caption):
             continue
         moved = [n for n in meta.get("negatives") or [] if coloured_shapes(n) == coloured_shapes(caption)]
         if moved:

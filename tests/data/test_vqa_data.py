@@ -6,7 +6,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from vlp.data.synthetic import HELDOUT, _relation, render_sample, write_dataset
+from vlp.data.synthetic import HELDOUT, render_sample, write_dataset
+from vlp.data.synthetic_captions import relation_of
 from vlp.data.synthetic_vqa import questions
 from vlp.data.vqa import QuestionDecoder, build_answer_vocabulary
 from vlp.data.wds import EvalStream, SampleDecoder, expand_urls
@@ -21,7 +22,7 @@ def _answers(qa):
 
 
 def test_two_objects_get_colour_shape_count_and_spatial_questions():
-    qa = _answers(questions([_object("blue", "square", 0.8, 0.5), _object("red", "circle", 0.2, 0.5)], _relation))
+    qa = _answers(questions([_object("blue", "square", 0.8, 0.5), _object("red", "circle", 0.2, 0.5)], relation_of))
     assert qa == {"what colour is the square?": ["blue"], "what shape is the blue object?": ["square"],
                   "what colour is the circle?": ["red"], "what shape is the red object?": ["circle"],
                   "how many shapes are there?": ["two"], "which shape is on the left?": ["circle"]}
@@ -29,10 +30,10 @@ def test_two_objects_get_colour_shape_count_and_spatial_questions():
 
 def test_ambiguous_questions_are_not_asked():
     """Two circles: no "what colour is the circle?"; the spatial question asks for the colour."""
-    qa = _answers(questions([_object("red", "circle", 0.5, 0.8), _object("blue", "circle", 0.5, 0.2)], _relation))
+    qa = _answers(questions([_object("red", "circle", 0.5, 0.8), _object("blue", "circle", 0.5, 0.2)], relation_of))
     assert "what colour is the circle?" not in qa
     assert qa["what colour is the shape on top?"] == ["blue"]
-    diagonal = _answers(questions([_object("red", "circle", 0.2, 0.2), _object("blue", "star", 0.7, 0.7)], _relation))
+    diagonal = _answers(questions([_object("red", "circle", 0.2, 0.2), _object("blue", "star", 0.7, 0.7)], relation_of))
     assert not any("left" in q or "top" in q for q in diagonal)
 
 

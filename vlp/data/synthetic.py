@@ -34,6 +34,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from vlp.data.synthetic_captions import caption_with_negatives, hard_negatives, relation_caption, relation_of
 from vlp.data.synthetic_vqa import questions
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -59,12 +60,9 @@ _SUPERSAMPLE = 4
 _MIN_IMAGE_SIZE = 16
 _HELDOUT_IDS = [CLASSNAMES.index(f"{c} {s}") for c, s in HELDOUT]
 _TRAIN_IDS = [i for i in range(len(CLASSNAMES)) if i not in _HELDOUT_IDS]
-_EDGE_PHRASES = {"top": "at the top", "bottom": "at the bottom", "left": "on the left",
-                 "right": "on the right", "center": "in the center"}
 # Polygon vertex radii (relative to the circumradius) and first vertex angle in degrees.
 _VERTICES = {"square": ([1.0] * 4, 45), "triangle": ([1.0] * 3, -90),
              "star": ([1.0, 0.45] * 5, -90)}
-_FRAMES = ("{}.", "a photo of {}.", "a picture of {}.", "an image showing {}.", "an image of {}.")
 
 
 def _position_name(x, y):
@@ -115,54 +113,10 @@ def _render(objects, background, image_size):
     return image.resize((image_size, image_size), Image.Resampling.LANCZOS, reducing_gap=2.0)
 
 
-def _noun_phrase(rng, obj, determiner="a", position_p=0.0):
-    """E.g. "a large red circle in the top left"; size and position are mentioned at random."""
-    words = [obj["colour"], obj["shape"]]
-    if rng.random() < 0.5:
-        words.insert(0, "big" if obj["size"] == "large" and rng.random() < 0.25 else obj["size"])
-    if determiner == "a":
-        determiner = "an" if words[0][0] in "aeiou" else "a"
-    phrase = f"{determiner} {' '.join(words)}"
-    if rng.random() < position_p:
-        name = obj["position"]
-        phrase += " " + _EDGE_PHRASES.get(name, f"in the {name}")
-    return phrase
-
-
 def _box(obj):
     """[x1, y1, x2, y2] of the square around an object's circumcircle, in fractions of the image side."""
     x, y, r = obj["x"], obj["y"], obj["radius"]
     return [round(float(v), 4) for v in (x - r, y - r, x + r, y + r)]
-
-
-def _relation(a, b):
-    """A spatial relation of a to b that is clearly true, or None when they are diagonal."""
-    dx, dy = a["x"] - b["x"], a["y"] - b["y"]
-    if abs(dx) >= 2 * abs(dy):
-        return "to the left of" if dx < 0 else "to the right of"
-    if abs(dy) >= 2 * abs(dx):
-        return "above" if dy < 0 else "below"
-    return None
-
-
-_OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of",
-             "above": "below", "below": "above"}
-
-
-def _article(words):
-    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
-
-
-def _relation_caption(a, b, relation):
-    return f"{_article(a['colour'] + ' ' + a['shape'])} {relation} {_article(b['colour'] + ' ' + b['shape'])}."
-
-
-def _hard_negatives(a, b, relation):
-    """Captions with the words of the true one that are false for the image (ARO/SugarCrepe-style)."""
-    swapped_colours = dict(a, colour=b["colour"]), dict(b, colour=a["colour"])
-    return [_relation_caption(*swapped_colours, relation),  # colours swapped
-            _relation_caption(a, b, _OPPOSITE[relation]),  # relation reversed
-            _relation_caption(b, a, relation)]  # objects swapped
 
 
 def _two_object_val(rng):
@@ -172,60 +126,8 @@ def _two_object_val(rng):
         colours, shapes = zip(*(CLASSNAMES[i].split() for i in (first, second)))
         if len(set(colours)) == 2 and len(set(shapes)) == 2:
             objects = _sample_objects(rng, [first, second])
-            if _relation(*objects):
+            if relation_of(*objects):
                 return objects
-
-
-def _caption(rng, objects, background, relation_captions=False):
-    """Natural-language caption naming every object's colour and shape; relation_captions: two
-    objects in a clear relation are always captioned with it."""
-    suffix = f" on a {rng.choice([background, 'plain'])} background" if rng.random() < 0.25 else ""
-    if len(objects) == 1:
-        determiner = rng.choice(["a", "one", "a single"], p=[0.6, 0.2, 0.2])
-        phrase = _noun_phrase(rng, objects[0], determiner, position_p=0.5)
-        return rng.choice(_FRAMES).format(phrase + suffix)
-    a, b = (objects[i] for i in rng.permutation(2))
-    relation = _relation(a, b)
-    stated = 1.0 if relation_captions else 0.5  # a clear relation is stated this often, or in 1/3 of the rest
-    form = 0 if relation and rng.random() < stated else rng.integers(3)
-    if form == 0 and relation:
-        return f"{_noun_phrase(rng, a)} {relation} {_noun_phrase(rng, b)}."
-    pa, pb = _noun_phrase(rng, a, position_p=0.3), _noun_phrase(rng, b, position_p=0.3)
-    if form == 1:
-        return f"two shapes: {pa} and {pb}{suffix}."
-    return rng.choice(_FRAMES).format(f"{pa} and {pb}{suffix}")
-
-
-SAYS_WHERE = re.compile(r"\b(left|right|above|below|top|bottom|center)\b")
-
-
-def _identity(obj):
-    return {key: obj[key] for key in ("colour", "shape", "size")}
-
-
-def _caption_with_negatives(rng, objects, background, relation_captions=False):
-    """A caption, and for two objects the same sentence with the colours swapped, with the
-    positions swapped and with the objects swapped in place (where it says where things are, or
-    it would stay true), each where that changes it: false for the image, the same names."""
-    state = rng.bit_generator.state
-    caption = _caption(rng, objects, background, relation_captions)
-    if len(objects) == 1:
-        return caption, None
-    after = rng.bit_generator.state
-    a, b = objects
-    variants = [(dict(a, colour=b["colour"]), dict(b, colour=a["colour"])),
-                (dict(a, x=b["x"], y=b["y"], position=b["position"]), dict(b, x=a["x"], y=a["y"], position=a["position"])),
-                (dict(a, **_identity(b)), dict(b, **_identity(a)))]
-    negatives = []
-    for variant in variants:
-        rng.bit_generator.state = state  # the same choices of words and order
-        negative = _caption(rng, list(variant), background, relation_captions)
-        if variant is variants[2] and not SAYS_WHERE.search(negative):
-            continue
-        if negative != caption and negative not in negatives:
-            negatives.append(negative)
-    rng.bit_generator.state = after
-    return caption, negatives or None
 
 
 def render_sample(seed, split, index, image_size=64, *, two_objects=0.5, relation_captions=False):
@@ -263,7 +165,7 @@ def render_sample(seed, split, index, image_size=64, *, two_objects=0.5, relatio
     if split == "train":
         ids = rng.choice(_TRAIN_IDS, size=1 + int(rng.random() < two_objects), replace=False)
         objects = _sample_objects(rng, ids)
-        while relation_captions and len(objects) == 2 and not _relation(*objects):
+        while relation_captions and len(objects) == 2 and not relation_of(*objects):
             objects = _sample_objects(rng, ids)
     elif split == "val_seen":
         objects = _sample_objects(rng, [_TRAIN_IDS[index % len(_TRAIN_IDS)]])  # balanced classes
@@ -271,18 +173,18 @@ def render_sample(seed, split, index, image_size=64, *, two_objects=0.5, relatio
         objects = _sample_objects(rng, [_HELDOUT_IDS[index // 2 % len(_HELDOUT_IDS)]])  # balanced classes
     else:
         objects = _two_object_val(rng)
-        negatives = _hard_negatives(*objects, _relation(*objects))
+        negatives = hard_negatives(*objects, relation_of(*objects))
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     grey = BACKGROUNDS[background] + int(rng.integers(-8, 9))
     image = _render(objects, (grey,) * 3, image_size)
     if negatives is None:
-        caption, negatives = _caption_with_negatives(rng, objects, background, relation_captions)
+        caption, negatives = caption_with_negatives(rng, objects, background, relation_captions)
     else:
-        caption = _relation_caption(*objects, _relation(*objects))
+        caption = relation_caption(*objects, relation_of(*objects))
     public = ("colour", "shape", "size", "position", "class")
     meta = {"objects": [{k: o[k] for k in public} | {"box": _box(o)} for o in objects], "background": background}
     meta["boxes"] = [o["box"] for o in meta["objects"]]  # the region boxes vlp.data.boxes reads
-    meta["qa"] = questions(objects, _relation)  # VQA: vlp.tasks.vqa_data reads it
+    meta["qa"] = questions(objects, relation_of)  # VQA: vlp.tasks.vqa_data reads it
     if negatives:
         meta["negatives"] = negatives
     return image, caption, meta
