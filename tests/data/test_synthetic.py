@@ -175,8 +175,12 @@ def test_relation_captions_put_every_two_object_training_image_in_a_stated_relat
     two = [(caption, meta) for _, caption, meta in samples if len(meta["objects"]) == 2]
     assert 0.7 < len(two) / len(samples) < 0.9
     for caption, meta in two:
-        assert relation.match(caption), caption  # stated, and test_spatial_relations_... checks it is true
-        assert len(meta["negatives"]) >= 2, meta["negatives"]  # relation reversed, objects swapped (colours)
+        true = relation.match(caption)
+        assert true, caption  # stated, and test_spatial_relations_... checks it is true
+        assert len(meta["negatives"]) == 2, meta["negatives"]  # relation reversed, objects swapped
+        for negative in meta["negatives"]:  # the same coloured shapes: no colours swapped
+            false = relation.match(negative)
+            assert {false.group(1, 2), false.group(4, 5)} == {true.group(1, 2), true.group(4, 5)}, negative
     default = [render_sample(0, "train", i, 32)[1] for i in range(200)]
     assert sum(map(bool, map(relation.match, default))) < 0.3 * len(two)  # ~12 in 64 against ~52
     for index in (0, 1, 7):  # the validation splits do not depend on the mix

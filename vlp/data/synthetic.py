@@ -11,12 +11,12 @@ negatives too, for objectives that train on them (ITM): their caption with the c
 with the positions swapped, and with the objects swapped in place, where the caption says where
 things are. Two thirds of the two-object training images in a clear relation are captioned with
 it, so a fusion sees the relation words often enough to learn them; `relation_captions` puts every
-two-object training image in a clear relation and captions it so, and `two_objects` sets their
-share (0.5), for fusions that must learn the relations in few steps. The "val_seen" split shows
-one object of a training pair per image: fresh images of what training saw, the other half of a
-compositional test (zeroshot.json lists the HELDOUT classes under "heldout", so metrics can report
-the two halves apart). Every sample is a pure function of (seed, split, index), so shard size and
-sample count never change a sample's content.
+two-object training image in a clear relation and captions it so, with only the relation's false
+captions, and `two_objects` sets their share (0.5), for fusions that must learn the relations in
+few steps. The "val_seen" split shows one object of a training pair per image: fresh images of
+what training saw, the other half of a compositional test (zeroshot.json lists the HELDOUT classes
+under "heldout", so metrics can report the two halves apart). Every sample is a pure function of
+(seed, split, index), so shard size and sample count never change a sample's content.
 """
 
 import argparse
@@ -55,7 +55,9 @@ SIZES = {"small": 0.12, "medium": 0.17, "large": 0.23}  # circumradius / image s
 SPLITS = {"train": 0, "val": 1, "val_seen": 2}
 
 # Bump whenever rendering or captions change, so cached datasets get regenerated.
-_VERSION = 7  # 7: more relation captions, objects-swapped training negatives; 6: boxes as a list
+# 8: relation_captions without colours-swapped negatives; 7: more relation captions,
+# objects-swapped training negatives; 6: boxes as a list
+_VERSION = 8
 _SUPERSAMPLE = 4
 _MIN_IMAGE_SIZE = 16
 _HELDOUT_IDS = [CLASSNAMES.index(f"{c} {s}") for c, s in HELDOUT]
@@ -144,8 +146,9 @@ def render_sample(seed, split, index, image_size=64, *, two_objects=0.5, relatio
         image_size: Output width and height in pixels.
         two_objects: Share of "train" images with two objects.
         relation_captions: Place the two objects of every "train" image in a clear spatial
-            relation and caption them with it (else at random, and two thirds of those in a clear
-            relation are captioned with it). The other splits do not depend on either.
+            relation and caption them with it, false captions only relation reversed and objects
+            swapped (else at random, and two thirds of those in a clear relation are captioned
+            with it). The other splits do not depend on either.
 
     Returns:
         (image, caption, meta): an RGB PIL image, the caption, and metadata
