@@ -357,7 +357,8 @@ def main(argv=None):
     parser.add_argument("--two-objects", type=_share, default=0.5,
                         help="share of training images with two objects (default: %(default)s)")
     parser.add_argument("--relation-captions", action="store_true",
-                        help="every two-object training image in a clear spatial relation, captioned with it")
+                        help="every two-object training image in a clear spatial relation, captioned with "
+                             "it, with only the relation's false captions")
     parser.add_argument("--workers", type=_int_at_least(1),
                         help="rendering processes (default: CPU count)")
     args = parser.parse_args(argv)
