@@ -43,7 +43,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="images per set")
     parser.add_argument("--seed", type=int, default=0, help="the dataset seed the model trained on")
     args = parser.parse_args()
-    model = load_model(args.checkpoint).eval()
+    try:
+        model = load_model(args.checkpoint).eval()
+    except (FileNotFoundError, KeyError, ValueError) as err:  # a bad path or file, in one line
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     transform = image_transform_v2(PreprocessCfg(**model.preprocess), is_train=False)
     held_out = [render_sample(args.seed, "val", i) for i in range(0, 2 * args.images, 2)]  # even: one object
     seen = (render_sample(args.seed + 1, "train", i) for i in range(10 * args.images))

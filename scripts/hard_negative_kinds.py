@@ -28,7 +28,10 @@ def main() -> None:
     parser.add_argument("--val-samples", type=int, default=512, help="as written by vlp-synthetic")
     parser.add_argument("--seed", type=int, default=0, help="the dataset seed")
     args = parser.parse_args()
-    model = load_model(args.checkpoint).eval()
+    try:
+        model = load_model(args.checkpoint).eval()
+    except (FileNotFoundError, KeyError, ValueError) as err:  # a bad path or file, in one line
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     # the boxes, for a fusion that reads region tokens; the others ignore them
     transform = BoxedTransform(image_transform_v2(PreprocessCfg(**model.preprocess), is_train=False), max_boxes=2)
     samples = [render_sample(args.seed, "val", i) for i in range(1, args.val_samples, 2)]  # odd: two objects

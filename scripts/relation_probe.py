@@ -178,7 +178,10 @@ def main() -> None:
     if needs_model and not args.checkpoint:
         parser.error("--image regions, --image tower and --text tower need a checkpoint")
     torch.manual_seed(0)
-    model = load_model(args.checkpoint).eval() if needs_model else None
+    try:
+        model = load_model(args.checkpoint).eval() if needs_model else None
+    except (FileNotFoundError, KeyError, ValueError) as err:  # a bad path or file, in one line
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     args.transform = image_transform_v2(PreprocessCfg(**model.preprocess) if model else PreprocessCfg(size=64), False)
     args.tokenizer = model.tokenizer if model else open_clip.get_tokenizer("ViT-B-32")
     draws = torch.Generator().manual_seed(1)  # the random text's fixed vectors, per word and per position

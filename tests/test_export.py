@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -89,7 +90,7 @@ class _RunsCode:
 def test_loading_never_runs_code_from_the_file(trained_run, tmp_path):
     pickled = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": _RunsCode()}, pickled)
-    with pytest.raises(Exception, match="[Ww]eights only"):
+    with pytest.raises(ValueError, match="evil.ckpt .*never runs code"):
         vlp.load(pickled)
     checkpoint = torch.load(trained_run[0] / "checkpoints" / "last.ckpt", weights_only=True)
     checkpoint["vlp_config"]["model"]["towers"]["_target_"] = "os.system"
@@ -97,6 +98,20 @@ def test_loading_never_runs_code_from_the_file(trained_run, tmp_path):
     torch.save(checkpoint, crafted)
     with pytest.raises(ValueError, match="os.system"):
         vlp.load(crafted)
+
+
+def test_a_damaged_checkpoint_is_named_in_one_line(trained_run, tmp_path):
+    """A file cut short (a crash while saving) fails naming it, in the library, the CLI and the scripts."""
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes((trained_run[0] / "checkpoints" / "last.ckpt").read_bytes()[:4096])
+    with pytest.raises(ValueError, match="damaged.ckpt is not a checkpoint vlp can read"):
+        vlp.load(damaged)
+    script = Path(__file__).parents[1] / "scripts" / "hard_negative_kinds.py"
+    for command in ([sys.executable, "-m", "vlp.export", damaged, tmp_path / "out"],
+                    [sys.executable, script, damaged]):
+        proc = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and "damaged.ckpt is not a checkpoint vlp can read" in proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_load_weights_reports_keys_that_do_not_match_and_keeps_new_ones_fresh(trained_run, exported):

@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 from typing import Any, Union
 
-import torch
 from hydra.utils import instantiate
 
 from vlp.models import VLPModel
-from vlp.models.weights import OPEN_CLIP_CONFIG, LoadReport, load_weights, weights_loaded_later
+from vlp.models.weights import OPEN_CLIP_CONFIG, LoadReport, load_torch_file, load_weights, weights_loaded_later
 
 __all__ = ["CONFIG_KEY", "load_model", "load_weights", "LoadReport", "model_config", "run_config",
            "weights_loaded_later"]
@@ -44,7 +43,8 @@ def run_config(path: Union[str, Path]) -> dict[str, Any]:
         raise KeyError(f"{path} holds weights without a model config: load a vlp checkpoint or vlp-export "
                        "folder, or give the file to init_from= / model.towers.pretrained=")
     else:
-        config = torch.load(path, map_location="cpu", weights_only=True).get(CONFIG_KEY)
+        saved = load_torch_file(path)
+        config = saved.get(CONFIG_KEY) if isinstance(saved, dict) else None
     if not config or "model" not in config:
         raise KeyError(f"{path} holds no '{CONFIG_KEY}': not a checkpoint written by vlp-train or vlp-export")
     return copy.deepcopy(config)

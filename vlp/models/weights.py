@@ -12,6 +12,7 @@ open_clip's layout (`visual.`, `text.`, a CoCa's `text_decoder.`) is renamed to 
 Tensors are read with `torch.load(weights_only=True)` or safetensors: reading never runs code from the file.
 """
 import logging
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple, Union
@@ -58,6 +59,21 @@ def is_vlp_weights(path: Union[str, Path]) -> bool:
     return (path.is_dir() and (path / OPEN_CLIP_CONFIG).is_file()) or (path.is_file() and path.suffix == ".ckpt")
 
 
+def load_torch_file(path: Path):
+    """`torch.load` that never runs code from the file (weights only).
+
+    Raises:
+        ValueError: naming the file, when it is damaged (e.g. cut short by a crash while saving)
+            or holds objects other than tensors and plain containers.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path} is not a checkpoint vlp can read: damaged, or holding more than tensors "
+                         f"(vlp never runs code from a file; torch.load weights_only=True: {type(err).__name__})"
+                         ) from err
+
+
 def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     """Reads the weights at `path` (see the module docstring) as a VLPModel state dict.
 
@@ -76,7 +92,7 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         state = load_file(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # Lightning or open_clip_train
             state = state["state_dict"]
             if any(k.startswith("model.") for k in state):
