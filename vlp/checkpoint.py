@@ -67,8 +67,9 @@ def load_model(path: Union[str, Path]) -> VLPModel:
     """Returns the model of a vlp checkpoint (`.ckpt`) or `vlp-export` folder, weights loaded, in eval mode.
 
     Raises:
+        FileNotFoundError: nothing at `path`.
         KeyError: not written by vlp (no saved config).
-        ValueError: the weights do not fit the saved config.
+        ValueError: the file is damaged, or its weights do not fit the saved config.
     """
     model_cfg = model_config(path)
     model_cfg["towers"]["pretrained"] = None  # the weights come from the file

@@ -79,7 +79,7 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
 
     Raises:
         FileNotFoundError: `path` does not exist, or is a folder without weights.
-        ValueError: the file holds no model weights.
+        ValueError: the file is damaged or holds no model weights.
     """
     path = Path(path)
     if path.is_dir():
